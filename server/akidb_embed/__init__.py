@@ -1,0 +1,3 @@
+"""akidb-embed: the embedding sidecar of AkiDB."""
+
+__version__ = "0.1.0"

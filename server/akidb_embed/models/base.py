@@ -1,0 +1,40 @@
+"""What every architecture shares: pooling, and the contract a model file fulfils.
+
+A model file (`models/<model_type>.py`) defines `ModelArgs`, `Model` and `sanitize()`.
+`Model.encode(input_ids, lengths)` takes right-padded ids (B, L) and the real lengths (B,)
+and returns the last hidden states (B, L, H); padding never changes a real token's state.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Protocol
+
+import mlx.core as mx
+
+
+class Pooling(str, Enum):
+    MEAN = "mean"
+    CLS = "cls"
+    LAST_TOKEN = "last_token"
+
+
+class EncoderModel(Protocol):
+    def encode(self, input_ids: mx.array, lengths: mx.array) -> mx.array: ...
+
+
+def padding_mask(lengths: mx.array, max_len: int) -> mx.array:
+    """(B, L) boolean: True for real tokens of right-padded rows."""
+    return mx.arange(max_len)[None, :] < lengths[:, None]
+
+
+def pool(hidden: mx.array, lengths: mx.array, pooling: Pooling) -> mx.array:
+    """Pool right-padded hidden states (B, L, H) over each row's real tokens."""
+    if pooling is Pooling.CLS:
+        return hidden[:, 0, :]
+    if pooling is Pooling.LAST_TOKEN:
+        index = (lengths - 1).astype(mx.int32)[:, None, None]
+        return mx.take_along_axis(hidden, index, axis=1)[:, 0, :]
+    mask = padding_mask(lengths, hidden.shape[1]).astype(hidden.dtype)[..., None]
+    summed = (hidden * mask).sum(axis=1)
+    return summed / mx.maximum(lengths.astype(hidden.dtype)[:, None], 1)

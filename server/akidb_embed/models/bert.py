@@ -1,0 +1,168 @@
+"""BERT encoders (BERT, MiniLM, bge, e5, ...) in MLX, keyed by model_type "bert".
+
+Module names follow the Hugging Face checkpoint layout so weights load by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import padding_mask
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    model_type: str = "bert"
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+_ACTIVATIONS = {
+    "gelu": nn.gelu,
+    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "relu": nn.relu,
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.position_embeddings = nn.Embedding(args.max_position_embeddings, args.hidden_size)
+        self.token_type_embeddings = nn.Embedding(args.type_vocab_size, args.hidden_size)
+        self.LayerNorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        positions = mx.arange(input_ids.shape[1])[None, :]
+        # Single-segment inputs: token type 0 everywhere.
+        h = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings.weight[0]
+        )
+        return self.LayerNorm(h)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.scale = (args.hidden_size // args.num_attention_heads) ** -0.5
+        self.query = nn.Linear(args.hidden_size, args.hidden_size)
+        self.key = nn.Linear(args.hidden_size, args.hidden_size)
+        self.value = nn.Linear(args.hidden_size, args.hidden_size)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        b, n, _ = x.shape
+
+        def heads(t: mx.array) -> mx.array:
+            return t.reshape(b, n, self.n_heads, -1).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(b, n, -1)
+
+
+class DenseNorm(nn.Module):
+    """A projection, residual and LayerNorm (BERT's "output" blocks)."""
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_dim, out_dim)
+        self.LayerNorm = nn.LayerNorm(out_dim, eps=eps)
+
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.self = SelfAttention(args)
+        self.output = DenseNorm(args.hidden_size, args.hidden_size, args.layer_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        return self.output(self.self(x, mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.dense = nn.Linear(args.hidden_size, args.intermediate_size)
+        if args.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {args.hidden_act!r} is not supported; "
+                f"supported: {', '.join(sorted(_ACTIVATIONS))}"
+            )
+        self.act = _ACTIVATIONS[args.hidden_act]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.act(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.intermediate = Intermediate(args)
+        self.output = DenseNorm(args.intermediate_size, args.hidden_size, args.layer_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        h = self.attention(x, mask)
+        return self.output(self.intermediate(h), h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer = [Layer(args) for _ in range(args.num_hidden_layers)]
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embeddings = Embeddings(args)
+        self.encoder = Encoder(args)
+
+    @property
+    def max_positions(self) -> int:
+        return self.args.max_position_embeddings
+
+    def encode(self, input_ids: mx.array, lengths: mx.array) -> mx.array:
+        # (B, 1, 1, L): every query attends to the real keys of its row.
+        mask = padding_mask(lengths, input_ids.shape[1])[:, None, None, :]
+        h = self.embeddings(input_ids)
+        for layer in self.encoder.layer:
+            h = layer(h, mask)
+        return h
+
+
+def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Map Hugging Face BERT checkpoint keys onto `Model`'s parameter names."""
+    out: dict[str, mx.array] = {}
+    for key, value in weights.items():
+        if key.startswith("bert."):
+            key = key[len("bert.") :]
+        if key.startswith(("pooler.", "cls.")) or key.endswith("position_ids"):
+            continue  # the pooler head and MLM head are not part of the encoder
+        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")
+        out[key] = value
+    return out
