@@ -1,0 +1,263 @@
+"""The domain facade the gRPC servicer calls: models by name, embedding, status.
+
+No gRPC here. All MLX work goes through the ComputeWorker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from . import __version__
+from .batching import ComputeWorker
+from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, finish
+from .errors import (
+    EmbedError,
+    InvalidArgument,
+    ModelLoadError,
+    ModelNotAvailable,
+    Overloaded,
+    Unavailable,
+)
+from .loader import load_engine
+from .registry import LocatedModel, ModelEntry, Registry
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(Enum):
+    LOADED = "loaded"
+    ON_DISK = "on_disk"
+    NOT_DOWNLOADED = "not_downloaded"
+    LOADING = "loading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_texts_per_request: int = 1024
+    max_chars_per_text: int = 200_000
+    # Past this many queued tokens, unary calls get RESOURCE_EXHAUSTED.
+    max_queued_tokens: int = 2_000_000
+
+
+@dataclass(frozen=True)
+class EmbeddedText:
+    vector: np.ndarray
+    token_count: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    model: str
+    space: EmbeddingSpace
+    embeddings: list[EmbeddedText]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(e.token_count for e in self.embeddings)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    entry: ModelEntry
+    state: ModelState
+    reason: str
+    engine: EmbeddingEngine | None
+    located: LocatedModel | None
+    is_default: bool
+
+
+class EmbeddingService:
+    def __init__(
+        self, registry: Registry, worker: ComputeWorker, limits: Limits | None = None
+    ) -> None:
+        self.registry = registry
+        self.worker = worker
+        self.limits = limits or Limits()
+        self.started_at = time.monotonic()
+        self.accepting = True
+        # True once the preloaded models are warm (the server flips it).
+        self.ready = False
+        self._engines: dict[str, EmbeddingEngine] = {}
+        self._loading: dict[str, asyncio.Future[EmbeddingEngine]] = {}
+        self._failed: dict[str, str] = {}
+
+    @property
+    def version(self) -> str:
+        return __version__
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def loaded(self) -> list[EmbeddingEngine]:
+        return list(self._engines.values())
+
+    async def engine(self, name: str) -> EmbeddingEngine:
+        """The warm engine for `name`, loading it first if it is on disk."""
+        entry = self.registry.resolve(name)
+        engine = self._engines.get(entry.name)
+        if engine is not None:
+            return engine
+        pending = self._loading.get(entry.name)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(entry))
+            self._loading[entry.name] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(entry.name, None))
+        return await asyncio.shield(pending)
+
+    async def _load(self, entry: ModelEntry) -> EmbeddingEngine:
+        located = self.registry.locate(entry)
+        if located is None:
+            raise ModelNotAvailable(
+                f"model {entry.name!r} ({entry.source}) is not downloaded; "
+                f"run `akidb-embed pull {entry.name}` on the server's host, then retry"
+            )
+        started = time.monotonic()
+        log.info("loading model %s from %s", entry.name, located.directory)
+
+        def load_and_warm() -> EmbeddingEngine:
+            engine = load_engine(
+                located.directory, name=entry.name, source=entry.source, revision=located.revision
+            )
+            # Warm-up: the first forward compiles kernels and allocates buffers.
+            engine.forward([t.ids for t in engine.tokenize(["warm up"], EmbedOptions())])
+            return engine
+
+        try:
+            engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
+        except ModelLoadError as exc:
+            self._failed[entry.name] = exc.message
+            raise
+        except Exception as exc:
+            self._failed[entry.name] = f"loading failed: {exc}"
+            raise ModelLoadError(f"model {entry.name!r} failed to load: {exc}") from exc
+        self._failed.pop(entry.name, None)
+        self._engines[entry.name] = engine
+        log.info("model %s ready in %.2fs", entry.name, time.monotonic() - started)
+        return engine
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down; retry on another instance")
+
+    def _check_texts(self, texts: Sequence[str]) -> None:
+        if not texts:
+            raise InvalidArgument("texts is empty: send at least one text")
+        if len(texts) > self.limits.max_texts_per_request:
+            raise InvalidArgument(
+                f"{len(texts)} texts in one request; the limit is "
+                f"{self.limits.max_texts_per_request}: split the batch or use EmbedStream"
+            )
+        for index, text in enumerate(texts):
+            check_text(text, index, self.limits.max_chars_per_text)
+
+    async def embed(self, model: str, texts: Sequence[str], options: EmbedOptions) -> EmbedResult:
+        """Embed a batch; any bad text fails the whole call with an error naming it."""
+        self._check_accepting()
+        self._check_texts(texts)
+        engine = await self.engine(model)
+        space = engine.space(options)
+        # Large batches tokenise off the event loop so other calls keep flowing.
+        if len(texts) > 16:
+            tokenized = await asyncio.to_thread(engine.tokenize, texts, options)
+        else:
+            tokenized = engine.tokenize(texts, options)
+        if self.worker.queued_tokens > self.limits.max_queued_tokens:
+            raise Overloaded(
+                f"the server has {self.worker.queued_tokens} tokens queued (limit "
+                f"{self.limits.max_queued_tokens}); retry with backoff or use EmbedStream"
+            )
+        futures = [self.worker.submit(engine, t.ids) for t in tokenized]
+        vectors = await gather_vectors(futures)
+        return EmbedResult(
+            model=engine.name,
+            space=space,
+            embeddings=[
+                EmbeddedText(
+                    finish(vector, space.dimensions, options.normalize),
+                    len(t.ids),
+                    t.truncated,
+                )
+                for vector, t in zip(vectors, tokenized, strict=True)
+            ],
+        )
+
+    async def embed_item(
+        self, model: str, text: str, options: EmbedOptions
+    ) -> tuple[EmbeddedText, EmbeddingSpace]:
+        """One stream item. No queue limit here: the stream's window bounds it."""
+        self._check_accepting()
+        check_text(text, None, self.limits.max_chars_per_text)
+        engine = await self.engine(model)
+        space = engine.space(options)
+        [tokenized] = engine.tokenize([text], options)
+        [vector] = await gather_vectors([self.worker.submit(engine, tokenized.ids)])
+        embedded = EmbeddedText(
+            finish(vector, space.dimensions, options.normalize),
+            len(tokenized.ids),
+            tokenized.truncated,
+        )
+        return embedded, space
+
+    def statuses(self) -> list[ModelStatus]:
+        out = []
+        for entry in self.registry.entries():
+            engine = self._engines.get(entry.name)
+            located = self.registry.locate(entry)
+            reason = ""
+            if engine is not None:
+                state = ModelState.LOADED
+            elif entry.name in self._loading:
+                state = ModelState.LOADING
+            elif entry.name in self._failed:
+                state, reason = ModelState.FAILED, self._failed[entry.name]
+            elif located is not None:
+                state = ModelState.ON_DISK
+            else:
+                state = ModelState.NOT_DOWNLOADED
+                reason = f"run `akidb-embed pull {entry.name}`"
+            is_default = entry.name == self.registry.default_model
+            out.append(ModelStatus(entry, state, reason, engine, located, is_default))
+        return out
+
+
+def check_text(text: str, index: int | None, max_chars: int) -> None:
+    where = "text" if index is None else f"texts[{index}]"
+    if not text:
+        raise InvalidArgument(f"{where} is empty: send at least one character")
+    if len(text) > max_chars:
+        raise InvalidArgument(
+            f"{where} has {len(text)} characters; the limit is {max_chars}: split it"
+        )
+
+
+async def gather_vectors(futures: list[concurrent.futures.Future[np.ndarray]]) -> list[np.ndarray]:
+    """Await compute futures; if the caller goes away, cancel what has not run yet."""
+    wrapped = [asyncio.wrap_future(f) for f in futures]
+    try:
+        return list(await asyncio.gather(*wrapped))
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
+__all__ = [
+    "EmbedError",
+    "EmbedResult",
+    "EmbeddedText",
+    "EmbeddingService",
+    "Limits",
+    "ModelState",
+    "ModelStatus",
+]
