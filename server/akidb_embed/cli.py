@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
+from .logs import configure_logging
 from .registry import DEFAULT_MODEL
 from .server import ServerConfig, run_server
 from .unix_socket import SocketInUse, default_socket_path
@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=8192)
     serve.add_argument("--max-batch-size", type=int, default=64)
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text lines, or one JSON object per line (both carry the request id)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)",
+    )
+    serve.add_argument(
+        "--metrics-host", default="127.0.0.1", help="metrics bind address (default loopback)"
+    )
 
     embed = sub.add_parser("embed", help="embed texts with a running server; JSON out")
     embed.add_argument("texts", nargs="*", help="texts (default: one per line on stdin)")
@@ -88,9 +102,7 @@ def explain(error: Exception, target: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     if args.no_socket and args.port is None:
         return fail("--no-socket needs --port")
     names: list[str] = []
@@ -112,6 +124,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     try:
         return asyncio.run(run_server(config))

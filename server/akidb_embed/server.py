@@ -20,6 +20,8 @@ from grpc_reflection.v1alpha import reflection
 from .backend import describe_backend
 from .batching import ComputeWorker
 from .errors import EmbedError
+from .interceptor import ObservingInterceptor
+from .metrics import Metrics, MetricsEndpoint
 from .registry import DEFAULT_MODEL, Registry
 from .service import EmbeddingService, Limits
 from .servicer import EmbeddingServicer
@@ -46,6 +48,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     stream_window: int = 256
     limits: Limits = field(default_factory=Limits)
+    # Prometheus `/metrics` over HTTP when set (0 picks a free port).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
 
 @contextlib.contextmanager
@@ -64,24 +69,32 @@ class EmbeddingServer:
         self.registry = registry or Registry()
         for directory in config.local_model_dirs:
             self.registry.add_local(directory)
-        self.worker = ComputeWorker(config.max_batch_tokens, config.max_batch_size)
-        self.service = EmbeddingService(self.registry, self.worker, config.limits)
+        self.metrics = Metrics()
+        self.worker = ComputeWorker(
+            config.max_batch_tokens, config.max_batch_size, on_batch=self.metrics.observe_batch
+        )
+        self.service = EmbeddingService(self.registry, self.worker, config.limits, self.metrics)
+        self.metrics.watch(self.service)
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
+            interceptors=[ObservingInterceptor(self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
-            ]
+            ],
         )
         self.addresses: list[str] = []
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Listen, then load and warm the models; health is NOT_SERVING until they are."""
+        backend = describe_backend()
         pb_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingServicer(self.service, describe_backend(), self.config.stream_window),
+            EmbeddingServicer(self.service, backend, self.config.stream_window, self.metrics),
             self.server,
         )
+        self.metrics.build.info({"version": self.service.version, "backend": backend})
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
@@ -91,6 +104,10 @@ class EmbeddingServer:
         self.worker.start()
         await self.server.start()
         log.info("listening on %s", ", ".join(self.addresses))
+        if self.config.metrics_port is not None:
+            self.metrics_endpoint = MetricsEndpoint(
+                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
+            )
         if self.config.models:
             self.registry.default_model = self.config.models[0]
         for name in self.config.models:
@@ -126,6 +143,8 @@ class EmbeddingServer:
         self.service.accepting = False
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await asyncio.to_thread(self.worker.stop)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         if self.config.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.config.socket_path.unlink()

@@ -27,6 +27,7 @@ from .errors import (
     Unavailable,
 )
 from .loader import load_engine
+from .metrics import Metrics
 from .registry import LocatedModel, ModelEntry, Registry
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,16 @@ class ModelStatus:
 
 class EmbeddingService:
     def __init__(
-        self, registry: Registry, worker: ComputeWorker, limits: Limits | None = None
+        self,
+        registry: Registry,
+        worker: ComputeWorker,
+        limits: Limits | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.worker = worker
         self.limits = limits or Limits()
+        self.metrics = metrics or Metrics()
         self.started_at = time.monotonic()
         self.accepting = True
         # True once the preloaded models are warm (the server flips it).
@@ -134,7 +140,8 @@ class EmbeddingService:
             return engine
 
         try:
-            engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
+            with self.metrics.time_model_load(entry.name):
+                engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
         except ModelLoadError as exc:
             self._failed[entry.name] = exc.message
             raise
@@ -168,10 +175,11 @@ class EmbeddingService:
         engine = await self.engine(model)
         space = engine.space(options)
         # Large batches tokenise off the event loop so other calls keep flowing.
-        if len(texts) > 16:
-            tokenized = await asyncio.to_thread(engine.tokenize, texts, options)
-        else:
-            tokenized = engine.tokenize(texts, options)
+        with self.metrics.time_tokenize(engine.name):
+            if len(texts) > 16:
+                tokenized = await asyncio.to_thread(engine.tokenize, texts, options)
+            else:
+                tokenized = engine.tokenize(texts, options)
         if self.worker.queued_tokens > self.limits.max_queued_tokens:
             raise Overloaded(
                 f"the server has {self.worker.queued_tokens} tokens queued (limit "
@@ -200,7 +208,8 @@ class EmbeddingService:
         check_text(text, None, self.limits.max_chars_per_text)
         engine = await self.engine(model)
         space = engine.space(options)
-        [tokenized] = engine.tokenize([text], options)
+        with self.metrics.time_tokenize(engine.name):
+            [tokenized] = engine.tokenize([text], options)
         [vector] = await gather_vectors([self.worker.submit(engine, tokenized.ids)])
         embedded = EmbeddedText(
             finish(vector, space.dimensions, options.normalize),

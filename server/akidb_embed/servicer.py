@@ -13,6 +13,7 @@ from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 from .engine import EmbeddingSpace, EmbedOptions, PromptKind
 from .errors import DeadlineExceeded, EmbedError, ErrorKind, InvalidArgument
+from .metrics import Metrics
 from .models.base import Pooling
 from .service import EmbeddedText, EmbeddingService, ModelState
 from .tokenization import Truncation
@@ -110,9 +111,16 @@ async def within_rpc(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, service: EmbeddingService, backend: str, stream_window: int = 256) -> None:
+    def __init__(
+        self,
+        service: EmbeddingService,
+        backend: str,
+        stream_window: int = 256,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.service = service
         self.backend = backend
+        self.metrics = metrics or service.metrics
         # Items of one stream in flight at once: past it the server stops reading the
         # stream and HTTP/2 flow control pushes back on the client.
         self.stream_window = stream_window
@@ -191,8 +199,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 raise options
             embedded, space = await self.service.embed_item(model, text, options)
         except EmbedError as error:
-            code = STATUS_CODES[error.kind].value[0]
-            return pb.EmbedStreamResponse(error=pb.ItemError(code=code, message=error.message))
+            status = STATUS_CODES[error.kind]
+            self.metrics.stream_item(status.name)
+            return pb.EmbedStreamResponse(
+                error=pb.ItemError(code=status.value[0], message=error.message)
+            )
+        self.metrics.stream_item(grpc.StatusCode.OK.name)
         return pb.EmbedStreamResponse(
             embedding=encode_embedding(embedded), space=encode_space(space)
         )
