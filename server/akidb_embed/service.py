@@ -136,7 +136,14 @@ class EmbeddingService:
                 located.directory, name=entry.name, source=entry.source, revision=located.revision
             )
             # Warm-up: the first forward compiles kernels and allocates buffers.
-            engine.forward([t.ids for t in engine.tokenize(["warm up"], EmbedOptions())])
+            warm = engine.forward([t.ids for t in engine.tokenize(["warm up"], EmbedOptions())])
+            # Weights that parse but hold NaN/inf would answer every request with NaNs.
+            if not np.isfinite(warm).all():
+                raise ModelLoadError(
+                    f"model {entry.name!r} in {located.directory} gives non-finite outputs "
+                    "(NaN or inf) on a warm-up text: its weights are damaged; "
+                    "delete the model and pull it again"
+                )
             return engine
 
         try:
