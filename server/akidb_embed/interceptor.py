@@ -28,6 +28,7 @@ from .metrics import Metrics, RpcName
 log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 # What we accept from a client as its request id; anything else gets a fresh one.
+DEADLINE_SLACK_SECONDS = 0.1
 _USABLE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 Deserializer = Callable[[bytes], Any]
@@ -77,10 +78,12 @@ def request_id_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 
 def status_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     """The status the call ended with, as far as the handler can tell."""
-    if isinstance(error, asyncio.CancelledError):
-        # The client went away, or its deadline passed and grpc cancelled the handler.
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        # The client went away, or its deadline passed: grpc cancels the handler, or closes
+        # a streaming handler's generator before its end.
         remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        # The client gives up at its deadline, a moment before the server's copy of it.
+        expired = remaining is not None and remaining < DEADLINE_SLACK_SECONDS
         return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):
