@@ -45,8 +45,7 @@ def test_kubernetes_sidecar_shares_the_socket_and_probes_it() -> None:
     # the emptyDir root is world-writable and the server refuses to put a socket there.
     [volume] = [v for v in spec["volumes"] if "emptyDir" in v and v["name"] == "embed-socket"]
     mounts = {
-        c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        for c in (embed, database)
+        c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (embed, database)
     }
     mount = PurePosixPath(mounts["akidb-embed"][volume["name"]])
     assert mounts["akidb"][volume["name"]] == str(mount)
@@ -93,7 +92,9 @@ def read_unit() -> configparser.ConfigParser:
 
 def exec_start_argv(unit: configparser.ConfigParser) -> list[str]:
     # systemd joins backslash-continued lines; configparser keeps them as indented lines.
-    joined = " ".join(line.rstrip("\\").strip() for line in unit["Service"]["ExecStart"].split("\n"))
+    joined = " ".join(
+        line.rstrip("\\").strip() for line in unit["Service"]["ExecStart"].split("\n")
+    )
     return joined.split()
 
 

@@ -145,8 +145,10 @@ def test_client_process_killed_mid_stream(ops_server: ServerThread) -> None:
             client.kill()
     # The server sees the connection drop, cancels the call and drops its queued texts.
     wait_for(
-        lambda: handled(scrape(ops_server), "EmbedStream", "CANCELLED")
-        > handled(before, "EmbedStream", "CANCELLED")
+        lambda: (
+            handled(scrape(ops_server), "EmbedStream", "CANCELLED")
+            > handled(before, "EmbedStream", "CANCELLED")
+        )
     )
     wait_for(lambda: queue_drained(ops_server))
     with EmbedClient(ops_server.target, timeout=30) as healthy:

@@ -29,7 +29,7 @@ CLIENTS = 16
 SECONDS = float(os.environ.get("AKIDB_LOAD_SECONDS", "20"))
 WARM_UP_SECONDS = 5.0
 MiB = 1024 * 1024
-WORDS = "vector index query embedding shard replica token batch latency cache".split()
+WORDS = ["vector", "index", "query", "embedding", "shard", "replica", "token", "batch"]
 POOL = [
     " ".join(random.Random(i).choice(WORDS) for _ in range(1 + (i * 5) % 8)) + f" {i}"
     for i in range(48)
