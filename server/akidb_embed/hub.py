@@ -325,11 +325,13 @@ def _pull_locked(
     if force:
         repo.discard(commit, chosen)
     elif existing is not None and existing.files == manifest.files:
-        if not repo.problems(existing, deep=True):
-            repo.write_manifest(existing)  # now the commit pulled last
+        damaged = repo.damaged_files(existing, deep=True)
+        if not damaged and not repo.problems(existing):
+            _record(repo, ref, existing)
             size = repo.size_on_disk(commit, list(existing.files))
             return PullResult(ref, commit, repo.snapshot(commit), existing, size, False)
         say(f"cached files of {ref} failed verification; fetching them again")
+        repo.discard(commit, damaged)
 
     created_folder = not repo.folder.exists()
     try:
@@ -397,9 +399,16 @@ def _download(
             f"downloaded files of {ref} failed verification ({'; '.join(problems)}); "
             "the damaged files were removed: pull again"
         )
-    repo.write_manifest(manifest)
+    _record(repo, ref, manifest)
     size = repo.size_on_disk(commit, list(manifest.files))
     return PullResult(ref, commit, snapshot, manifest, size, True)
+
+
+def _record(repo: RepoCache, ref: HubRef, manifest: Manifest) -> None:
+    """Mark the verified snapshot as cached, pulled last, and named by the asked revision."""
+    repo.write_manifest(manifest)
+    if ref.revision is not None:
+        repo.write_ref(ref.revision, manifest.commit)
 
 
 def _clean_failed_pull(
@@ -413,6 +422,6 @@ def _clean_failed_pull(
         shutil.rmtree(repo.folder, ignore_errors=True)
         return
     snapshot = repo.snapshot(commit)
-    repo.discard(commit, repo.damaged_files(manifest))
+    repo.discard(commit, repo.damaged_files(manifest, deep=isinstance(exc, DamagedModel)))
     if snapshot.is_dir() and not any(snapshot.rglob("*")):
         shutil.rmtree(snapshot, ignore_errors=True)

@@ -264,15 +264,21 @@ class RepoCache:
         )
         return [p for p in found if p is not None]
 
-    def damaged_files(self, manifest: Manifest) -> list[str]:
-        """Files present (or dangling links) that fail the cheap checks."""
+    def damaged_files(self, manifest: Manifest, *, deep: bool = False) -> list[str]:
+        """Files present (or dangling links) that fail the checks."""
         snapshot = self.snapshot(manifest.commit)
         return [
             path
             for path, expected in manifest.files.items()
             if (snapshot / path).is_symlink() or (snapshot / path).exists()
-            if file_problem(snapshot / path, expected) is not None
+            if file_problem(snapshot / path, expected, deep=deep) is not None
         ]
+
+    def write_ref(self, revision: str, commit: str) -> None:
+        """Record which commit a branch or tag named when it was pulled (as huggingface_hub
+        does), so the cache can answer for that name offline."""
+        if revision != commit:
+            _atomic_write(self.folder / "refs" / validate_revision(revision), commit)
 
     def size_on_disk(self, commit: str, paths: list[str]) -> int:
         blobs = {(self.snapshot(commit) / p).resolve() for p in paths}
