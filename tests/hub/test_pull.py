@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from akidb_embed import hub as hub_module
 from akidb_embed.errors import (
     DiskFull,
@@ -198,7 +197,8 @@ def test_damaged_weights_are_detected_and_repaired_by_pull(hub_env: HubEnv, dama
     status = registry.status(entry)
     if damage == "garble-data":
         assert status.state is CacheState.CACHED  # the cheap check cannot see it
-        assert inspect(REF, deep=True).problems == ("model.safetensors does not match the Hub's sha256 (garbled)",)
+        problems = inspect(REF, deep=True).problems
+        assert problems == ("model.safetensors does not match the Hub's sha256 (garbled)",)
     else:
         assert status.state is CacheState.DAMAGED
         assert registry.locate(entry) is None
@@ -231,7 +231,7 @@ def test_two_processes_pulling_at_once_fetch_each_file_once(hub_env: HubEnv) -> 
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
-    for proc, (out, err) in zip(procs, outputs, strict=True):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
     results = sorted(out.split("RESULT")[1].split() for out, _ in outputs)
     commit = hub_env.hub.repo(TINY_REPO).refs["main"]
@@ -243,7 +243,7 @@ def test_two_processes_pulling_at_once_fetch_each_file_once(hub_env: HubEnv) -> 
 
 
 def test_missing_repo_is_not_found(hub_env: HubEnv) -> None:
-    with pytest.raises(ModelNotFound, match="acme/nope was not found.*HF_TOKEN"):
+    with pytest.raises(ModelNotFound, match=r"acme/nope was not found.*HF_TOKEN"):
         pull(HubRef("acme/nope"), progress=False)
     assert not (hub_env.cache / "models--acme--nope").exists()
 
@@ -294,7 +294,8 @@ def test_unreachable_hub_says_so(hub_env: HubEnv, monkeypatch: pytest.MonkeyPatc
 
 def test_disk_full_is_reported_with_sizes(hub_env: HubEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_module, "free_bytes", lambda path: 1000)
-    with pytest.raises(DiskFull, match=r"needs \d+\.\d KB but .* has 1\.0 KB free.*AKIDB_CACHE_DIR"):
+    expected = r"needs \d+\.\d KB but .* has 1\.0 KB free.*AKIDB_CACHE_DIR"
+    with pytest.raises(DiskFull, match=expected):
         pull(REF, progress=False)
     assert hub_env.hub.gets("model.safetensors") == []
     assert leftovers(hub_env.cache) == []
