@@ -167,6 +167,11 @@ def _hub_error(exc: BaseException, ref: HubRef, url: str) -> EmbedError:
             f"the disk holding the model cache ({cache_dir()}) is full while pulling {ref}: "
             f"free space there, or set AKIDB_CACHE_DIR to a directory on a larger disk"
         )
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ModelNotAvailable(
+            f"cannot write to the model cache {cache_dir()} ({exc.strerror}: {exc.filename}): "
+            "set AKIDB_CACHE_DIR to a writable directory"
+        )
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         return HubUnavailable(
@@ -278,8 +283,11 @@ def pull(
         raise _hub_error(OfflineModeIsEnabled("offline"), ref, url)
 
     repo = RepoCache(ref.repo_id, root)
-    lock = repo.lock()
-    _acquire(lock, ref, say, lock_timeout_s)
+    try:
+        lock = repo.lock()
+        _acquire(lock, ref, say, lock_timeout_s)
+    except OSError as exc:
+        raise _hub_error(exc, ref, url) from exc
     try:
         return _pull_locked(ref, repo, url, force, progress, say, max_workers)
     finally:
@@ -295,6 +303,7 @@ def _pull_locked(
     say: Notify,
     max_workers: int,
 ) -> PullResult:
+    repo.remove_incomplete(older_than_s=STALE_PARTIAL_S)
     api = HfApi(endpoint=url)
     try:
         commit, remote = list_remote(api, ref)
@@ -354,7 +363,6 @@ def _download(
     max_workers: int,
 ) -> PullResult:
     snapshot = repo.snapshot(commit)
-    repo.remove_incomplete(older_than_s=STALE_PARTIAL_S)
     # Files damaged on disk would be kept by huggingface_hub (it trusts existing links).
     repo.discard(commit, repo.damaged_files(manifest))
 
@@ -415,8 +423,9 @@ def _clean_failed_pull(
     repo: RepoCache, commit: str, manifest: Manifest, exc: BaseException, created_folder: bool
 ) -> None:
     """Leave no partial or damaged file behind. Verified files stay, so the next pull fetches
-    only the rest; a pull that can never succeed leaves nothing at all."""
-    repo.remove_incomplete()
+    only the rest; a pull that can never succeed leaves nothing at all. (huggingface_hub
+    deletes its own partial file when a download fails.)"""
+    repo.remove_incomplete(older_than_s=STALE_PARTIAL_S)
     never = isinstance(exc, (UnsupportedModel, HubAccessDenied, ModelNotFound))
     if never and created_folder:
         shutil.rmtree(repo.folder, ignore_errors=True)

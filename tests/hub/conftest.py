@@ -22,7 +22,7 @@ def tiny_bert_files(seed: int = 0) -> dict[str, bytes]:
     """A small BERT-shaped repository, with the extras real repositories carry (README,
     pickled and ONNX exports) that a pull must skip."""
     rng = np.random.default_rng(seed)
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "embeddings.word_embeddings.weight": rng.standard_normal((1000, 128), dtype=np.float32),
         "encoder.layer.0.attention.self.query.weight": rng.standard_normal(
             (128, 128), dtype=np.float32

@@ -310,3 +310,47 @@ def test_enospc_during_download_is_disk_full(
     monkeypatch.setattr(hub_module, "snapshot_download", no_space)
     with pytest.raises(DiskFull, match="is full"):
         pull(REF, progress=False)
+
+
+def test_two_threads_pulling_at_once_fetch_each_file_once(hub_env: HubEnv) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    hub_env.hub.delay_s = 0.02
+    registry = Registry()
+    entry = registry.resolve(TINY_REPO)
+    with ThreadPoolExecutor(2) as pool:
+        located = list(pool.map(lambda _: registry.ensure(entry, allow_download=True), range(2)))
+    assert located[0] == located[1]
+    assert len(hub_env.hub.gets("model.safetensors")) == 1
+
+
+def test_killed_pull_leaves_a_cache_the_next_pull_completes(hub_env: HubEnv) -> None:
+    hub_env.hub.delay_s = 0.2  # the weights take ~2 s: kill the process in the middle
+    script = (
+        "from akidb_embed.hub import pull; from akidb_embed.model_cache import HubRef; "
+        f"pull(HubRef({TINY_REPO!r}), progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env=hub_env.env())
+    repo = RepoCache(TINY_REPO, hub_env.cache)
+    commit = hub_env.hub.repo(TINY_REPO).refs["main"]
+    deadline = time.monotonic() + 30
+    while (
+        not (hub_env.hub.gets("model.safetensors") and leftovers(hub_env.cache))
+        or not (repo.snapshot(commit) / "vocab.txt").exists()
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert Registry().locate(Registry().resolve(TINY_REPO)) is None  # no manifest yet
+    hub_env.hub.delay_s = 0
+
+    result = pull(REF, progress=False)  # the dead process's lock is gone with it
+    assert result.downloaded and inspect(REF, deep=True).usable
+    assert len(hub_env.hub.gets("vocab.txt")) == 1  # finished files are kept
+    assert len(hub_env.hub.gets("model.safetensors")) == 2  # the partial one starts over
+    # The dead process's partial file is removed once it is clearly stale.
+    [partial] = leftovers(hub_env.cache)
+    os.utime(partial, (time.time() - 3600, time.time() - 3600))
+    assert not pull(REF, progress=False).downloaded
+    assert leftovers(hub_env.cache) == []
