@@ -84,7 +84,7 @@ class CacheState(Enum):
 
 
 @dataclass(frozen=True)
-class ModelStatus:
+class CacheStatus:
     entry: ModelEntry
     state: CacheState
     located: LocatedModel | None
@@ -175,27 +175,27 @@ class Registry:
             "or give a Hugging Face Hub id such as org/name or org/name@revision"
         )
 
-    def status(self, entry: ModelEntry) -> ModelStatus:
+    def status(self, entry: ModelEntry) -> CacheStatus:
         """Offline: where the entry's files are, or why they are not usable."""
         local = self._local_dirs.get(entry.name)
         if local is not None:
             located = LocatedModel(entry, local, content_revision(local), directory_size(local))
-            return ModelStatus(entry, CacheState.LOCAL, located)
+            return CacheStatus(entry, CacheState.LOCAL, located)
         check = inspect(HubRef(entry.source, entry.revision), self.root)
         if check.usable:
             assert check.directory is not None and check.commit is not None
             located = LocatedModel(entry, check.directory, check.commit, check.size_bytes)
-            return ModelStatus(entry, CacheState.CACHED, located)
+            return CacheStatus(entry, CacheState.CACHED, located)
         bundled = BUNDLED.get(entry.name)
         directory = bundled() if bundled is not None and entry.revision is None else None
         if directory is not None:
             located = LocatedModel(
                 entry, directory, content_revision(directory), directory_size(directory)
             )
-            return ModelStatus(entry, CacheState.BUNDLED, located)
+            return CacheStatus(entry, CacheState.BUNDLED, located)
         if check.problems:
-            return ModelStatus(entry, CacheState.DAMAGED, None, "; ".join(check.problems))
-        return ModelStatus(entry, CacheState.MISSING, None)
+            return CacheStatus(entry, CacheState.DAMAGED, None, "; ".join(check.problems))
+        return CacheStatus(entry, CacheState.MISSING, None)
 
     def locate(self, entry: ModelEntry) -> LocatedModel | None:
         """The model's files if they are on disk and pass verification, else None."""
