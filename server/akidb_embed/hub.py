@@ -53,6 +53,7 @@ from .model_cache import (
     ManifestFile,
     RepoCache,
     cache_dir,
+    human_size,
     inspect,
     offline_mode,
 )
@@ -120,15 +121,6 @@ def free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 def _hub_error(exc: BaseException, ref: HubRef, url: str) -> EmbedError:
@@ -384,12 +376,12 @@ def _download(
     free = free_bytes(repo.root)
     if missing > free:
         raise DiskFull(
-            f"pulling {ref} needs {_human(missing)} but {repo.root} has {_human(free)} free: "
-            "free space there, or set AKIDB_CACHE_DIR to a directory on a larger disk"
+            f"pulling {ref} needs {human_size(missing)} but {repo.root} has "
+            f"{human_size(free)} free: free space there, or set AKIDB_CACHE_DIR to a directory on a larger disk"
         )
     say(
         f"pulling {ref.repo_id} at {commit[:12]}: {len(manifest.files)} files, "
-        f"{_human(missing)} to fetch"
+        f"{human_size(missing)} to fetch"
     )
     snapshot_download(
         ref.repo_id,

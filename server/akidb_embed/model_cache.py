@@ -65,6 +65,15 @@ def cache_dir() -> Path:
     return expand(xdg) / "huggingface" / "hub"
 
 
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
 def validate_repo_id(repo_id: str) -> str:
     if not REPO_ID_RE.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
         raise InvalidArgument(

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 from .errors import EmbedError
+from .model_cache import human_size
 from .registry import BUNDLED, CacheState, Registry
 
 EXIT_OK = 0
@@ -27,15 +28,6 @@ def _err(message: str) -> None:
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 # --- pull ------------------------------------------------------------------------------
