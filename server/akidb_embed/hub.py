@@ -377,7 +377,8 @@ def _download(
     if missing > free:
         raise DiskFull(
             f"pulling {ref} needs {human_size(missing)} but {repo.root} has "
-            f"{human_size(free)} free: free space there, or set AKIDB_CACHE_DIR to a directory on a larger disk"
+            f"{human_size(free)} free: free space there, or set AKIDB_CACHE_DIR to a directory "
+            "on a larger disk"
         )
     say(
         f"pulling {ref.repo_id} at {commit[:12]}: {len(manifest.files)} files, "
