@@ -82,3 +82,26 @@ def test_server_pulls_on_demand_only_when_allowed(hub_env: HubEnv) -> None:
     located = registry.ensure(entry, allow_download=True)
     assert located.revision == hub_env.hub.repo(TINY_REPO).refs["main"]
     assert registry.ensure(entry, allow_download=False) == located
+
+
+def test_rm_one_revision_keeps_the_other_and_shared_blobs(
+    hub_env: HubEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .conftest import tiny_bert_files
+
+    repo = hub_env.hub.repo(TINY_REPO)
+    old = repo.refs["main"]
+    new = repo.add_commit({**tiny_bert_files(seed=3), "vocab.txt": repo.commits[old]["vocab.txt"]})
+    assert main(["pull", f"{TINY_REPO}@{old}"]) == 0
+    assert main(["pull", TINY_REPO]) == 0
+
+    assert main(["rm", f"{TINY_REPO}@{old}"]) == 0
+    assert f"removed {TINY_REPO}@{old}" in capsys.readouterr().out
+    registry = Registry()
+    assert registry.locate(registry.resolve(f"{TINY_REPO}@{old}")) is None
+    kept = registry.locate(registry.resolve(TINY_REPO))
+    assert kept is not None and kept.revision == new
+    assert (kept.directory / "vocab.txt").read_bytes() == repo.commits[old]["vocab.txt"]
+    blobs = list((hub_env.cache / "models--acme--tiny-bert" / "blobs").iterdir())
+    kept_files = [p for p in kept.directory.rglob("*") if p.is_file()]
+    assert len(blobs) == len(kept_files)  # the removed snapshot's own blobs are gone
