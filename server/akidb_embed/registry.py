@@ -256,13 +256,15 @@ class Registry:
 
     def remove(self, entry: ModelEntry) -> list[str]:
         """Delete the entry's repository from the cache (only that revision if the entry names
-        one). Returns the verified commits removed; bundled and local files are never touched."""
+        one). Returns the commits removed; bundled and local files are never touched."""
         if entry.local:
             raise InvalidArgument(
                 f"{entry.name!r} is a local directory ({entry.source}); akidb-embed does not "
                 "delete it"
             )
         repo = RepoCache(entry.source, self.root)
+        if not repo.folder.exists():
+            return []
         lock = repo.lock()
         try:
             lock.acquire(timeout=60)
@@ -272,11 +274,11 @@ class Registry:
             ) from exc
         try:
             if entry.revision is None:
-                commits = [m.commit for m in repo.manifests()]
+                commits = sorted(p.name for p in (repo.folder / "snapshots").glob("*"))
                 repo.remove_all()
                 return commits
             commit = repo.commit_for(entry.revision)
-            if commit is None:
+            if commit is None or not repo.snapshot(commit).exists():
                 return []
             repo.remove_commit(commit)
             return [commit]
