@@ -5,6 +5,9 @@ It answers what huggingface_hub 2.4 asks while pulling (read from its code):
   GET  /api/models/{repo}/tree/{rev}?recursive=True    file listing (snapshot_download)
   HEAD /{repo}/resolve/{rev}/{path}                    ETag, X-Repo-Commit, Content-Length
   GET  /{repo}/resolve/{rev}/{path}                    the bytes; `Range: bytes=N-` gives 206
+LFS files (*.safetensors, ...) answer the resolve URL with a 302 to a second server on another
+port, standing in for the CDN, with X-Linked-Etag / X-Linked-Size, as the Hub does; the bytes
+come from `GET {cdn}/cdn/{repo}/{commit}/{path}`.
 Errors carry X-Error-Code as the Hub does (RepoNotFound, RevisionNotFound, EntryNotFound,
 GatedRepo), which huggingface_hub turns into its typed errors.
 Knobs: `drop_once[path] = n` closes the connection after n body bytes (once);
@@ -71,9 +74,9 @@ class FakeHub:
         self.fail: dict[str, int] = {}
         self.delay_s = 0.0
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[ThreadingHTTPServer] = []
         self.url = ""
+        self.cdn_url = ""
 
     def repo(self, repo_id: str) -> FakeRepo:
         return self.repos.setdefault(repo_id, FakeRepo(repo_id))
@@ -84,7 +87,9 @@ class FakeHub:
             return [
                 r
                 for m, p, r in self.log
-                if m == "GET" and "/resolve/" in p and p.endswith(path_suffix)
+                if m == "GET"
+                and ("/resolve/" in p or p.startswith("/cdn/"))
+                and p.endswith(path_suffix)
             ]
 
     def start(self) -> str:
@@ -93,20 +98,18 @@ class FakeHub:
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), daemon=True
-        )
-        self._thread.start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2)]
+        for server in self._servers:
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url, self.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in self._servers)
         return self.url
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -174,6 +177,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._info(repo_id, rest[1])
             if rest[0] == "tree" and len(rest) >= 2:
                 return self._tree(repo_id, rest[1])
+        if len(parts) >= 5 and parts[0] == "cdn":
+            return self._cdn("/".join(parts[1:3]), parts[3], "/".join(parts[4:]), head)
         if len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), head)
         self._error(404, "NotFound", "no such route", head)
@@ -247,19 +252,36 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(
                 404, "EntryNotFound", path + " does not exist", head, {"X-Repo-Commit": sha}
             )
+        headers = {"ETag": f'"{git_blob_sha(data)}"', "X-Repo-Commit": sha}
+        if path.endswith(LFS_SUFFIXES):
+            headers["Location"] = f"{self.fake.cdn_url}/cdn/{repo.repo_id}/{sha}/{path}"
+            headers["X-Linked-Etag"] = f'"{etag(path, data)}"'
+            headers["X-Linked-Size"] = str(len(data))
+            return self._send(302, b"", headers, head)
+        self._body(path, data, headers, head)
+
+    def _cdn(self, repo_id: str, sha: str, path: str, head: bool) -> None:
+        repo = self.fake.repos.get(repo_id)
+        data = repo.commits.get(sha, {}).get(path) if repo is not None else None
+        if data is None:
+            return self._send(404, b"NoSuchKey", {}, head)
+        self._body(path, data, {"ETag": f'"{etag(path, data)}"'}, head)
+
+    def _body(self, path: str, data: bytes, headers: dict[str, str], head: bool) -> None:
+        """The file's bytes, honouring `Range: bytes=N-` and the failure knobs."""
         if path in self.fake.fail and not head:
             return self._error(self.fake.fail[path], "ServerError", "injected failure", head)
-        headers = {"ETag": f'"{etag(path, data)}"', "X-Repo-Commit": sha, "Accept-Ranges": "bytes"}
+        headers = {**headers, "Accept-Ranges": "bytes"}
+        if head:
+            return self._send(200, data, headers, head=True)
         start = 0
         status = 200
         wanted = self.headers.get("Range")
-        if wanted and not head:
+        if wanted:
             start = int(wanted.removeprefix("bytes=").split("-")[0])
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
-        if head:
-            return self._send(200, data, headers, head=True)
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
