@@ -13,7 +13,9 @@ from pathlib import Path
 import grpc
 
 from .registry import DEFAULT_MODEL
+from .residency import ModelBudget
 from .server import ServerConfig, run_server
+from .service import Limits
 from .unix_socket import SocketInUse, default_socket_path
 
 
@@ -50,9 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     serve.add_argument("--socket-mode", default="600", help="socket permissions, octal (600)")
-    serve.add_argument("--max-batch-tokens", type=int, default=8192)
-    serve.add_argument("--max-batch-size", type=int, default=64)
     serve.add_argument("--log-level", default="INFO")
+    limits = serve.add_argument_group("batching and limits")
+    limits.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens/batch")
+    limits.add_argument("--max-batch-size", type=int, default=64, help="texts per batch")
+    limits.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
+    limits.add_argument("--max-chars-per-text", type=int, default=Limits.max_chars_per_text)
+    limits.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=Limits.max_queued_tokens,
+        help="past it, Embed calls get RESOURCE_EXHAUSTED (streams wait)",
+    )
+    limits.add_argument("--stream-window", type=int, default=256, help="items in flight/stream")
+    limits.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
+    memory = serve.add_argument_group("models in memory")
+    memory.add_argument("--max-loaded-models", type=int, default=0, help="0: no limit")
+    memory.add_argument("--max-loaded-mb", type=int, default=0, help="0: no limit")
+    memory.add_argument(
+        "--keep-alive",
+        type=float,
+        default=ModelBudget.keep_alive_seconds,
+        help="seconds an on-demand model stays loaded when idle (0: forever); "
+        "preloaded models always stay",
+    )
 
     embed = sub.add_parser("embed", help="embed texts with a running server; JSON out")
     embed.add_argument("texts", nargs="*", help="texts (default: one per line on stdin)")
@@ -112,6 +135,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        stream_window=args.stream_window,
+        limits=Limits(
+            max_texts_per_request=args.max_texts_per_request,
+            max_chars_per_text=args.max_chars_per_text,
+            max_queued_tokens=args.max_queued_tokens,
+        ),
+        budget=ModelBudget(
+            max_models=args.max_loaded_models,
+            max_bytes=args.max_loaded_mb * 1024 * 1024,
+            keep_alive_seconds=args.keep_alive,
+        ),
     )
     try:
         return asyncio.run(run_server(config))
@@ -173,8 +208,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from akidb_embed_client import EmbedClient, EmbedClientError
     from grpc_health.v1 import health_pb2
+
+    from akidb_embed_client import EmbedClient, EmbedClientError
 
     target = _target(args)
     with EmbedClient(target, timeout=args.timeout) as client:

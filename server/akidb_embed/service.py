@@ -9,10 +9,11 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import mlx.core as mx
 import numpy as np
 
 from . import __version__
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .loader import load_engine
 from .registry import LocatedModel, ModelEntry, Registry
+from .residency import ModelBudget, ResidentModels
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +80,22 @@ class ModelStatus:
 
 class EmbeddingService:
     def __init__(
-        self, registry: Registry, worker: ComputeWorker, limits: Limits | None = None
+        self,
+        registry: Registry,
+        worker: ComputeWorker,
+        limits: Limits | None = None,
+        budget: ModelBudget | None = None,
     ) -> None:
         self.registry = registry
         self.worker = worker
         self.limits = limits or Limits()
+        self.residents = ResidentModels(budget or ModelBudget())
+        # Told when a model starts (True) or stops (False) serving: the server's health.
+        self.on_model_change: Callable[[str, bool], Awaitable[None]] | None = None
         self.started_at = time.monotonic()
         self.accepting = True
         # True once the preloaded models are warm (the server flips it).
         self.ready = False
-        self._engines: dict[str, EmbeddingEngine] = {}
         self._loading: dict[str, asyncio.Future[EmbeddingEngine]] = {}
         self._failed: dict[str, str] = {}
 
@@ -100,20 +108,52 @@ class EmbeddingService:
         return time.monotonic() - self.started_at
 
     def loaded(self) -> list[EmbeddingEngine]:
-        return list(self._engines.values())
+        return self.residents.engines()
 
-    async def engine(self, name: str) -> EmbeddingEngine:
-        """The warm engine for `name`, loading it first if it is on disk."""
+    async def _notify(self, name: str, serving: bool) -> None:
+        if self.on_model_change is not None:
+            await self.on_model_change(name, serving)
+
+    async def engine(self, name: str, pin: bool = False) -> EmbeddingEngine:
+        """The warm engine for `name`, loading it first if it is on disk. A pinned model
+        (preloaded) is never unloaded for the budget or the keep-alive."""
         entry = self.registry.resolve(name)
-        engine = self._engines.get(entry.name)
-        if engine is not None:
-            return engine
-        pending = self._loading.get(entry.name)
-        if pending is None:
-            pending = asyncio.ensure_future(self._load(entry))
-            self._loading[entry.name] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(entry.name, None))
-        return await asyncio.shield(pending)
+        engine = self.residents.get(entry.name)
+        if engine is None:
+            pending = self._loading.get(entry.name)
+            if pending is None:
+                pending = asyncio.ensure_future(self._load(entry))
+                self._loading[entry.name] = pending
+                pending.add_done_callback(lambda _: self._loading.pop(entry.name, None))
+            engine = await asyncio.shield(pending)
+        if pin:
+            self.residents.pin(entry.name)
+        return engine
+
+    async def unload(self, name: str) -> None:
+        self.residents.remove(name)
+        # Give the freed buffers back; MLX keeps a cache otherwise.
+        await asyncio.wrap_future(self.worker.call(mx.clear_cache))
+        log.info("unloaded model %s", name)
+        await self._notify(name, False)
+
+    async def unload_expired(self) -> None:
+        """Unload idle on-demand models past the keep-alive (the server calls this)."""
+        for name in self.residents.expired():
+            await self.unload(name)
+
+    async def _make_room(self, entry: ModelEntry, size_bytes: int) -> None:
+        victims = self.residents.evictions_for(size_bytes)
+        if victims is None:
+            budget = self.residents.budget
+            raise Overloaded(
+                f"loading {entry.name!r} would exceed the model budget "
+                f"(max {budget.max_models or 'any'} models, "
+                f"{budget.max_bytes or 'any'} bytes) and every loaded model is busy or "
+                "preloaded; retry later, or raise --max-loaded-models / --max-loaded-bytes"
+            )
+        for name in victims:
+            await self.unload(name)
 
     async def _load(self, entry: ModelEntry) -> EmbeddingEngine:
         located = self.registry.locate(entry)
@@ -122,6 +162,7 @@ class EmbeddingService:
                 f"model {entry.name!r} ({entry.source}) is not downloaded; "
                 f"run `akidb-embed pull {entry.name}` on the server's host, then retry"
             )
+        await self._make_room(entry, located.size_bytes)
         started = time.monotonic()
         log.info("loading model %s from %s", entry.name, located.directory)
 
@@ -135,15 +176,20 @@ class EmbeddingService:
 
         try:
             engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
-        except ModelLoadError as exc:
-            self._failed[entry.name] = exc.message
-            raise
         except Exception as exc:
-            self._failed[entry.name] = f"loading failed: {exc}"
-            raise ModelLoadError(f"model {entry.name!r} failed to load: {exc}") from exc
+            error = (
+                exc
+                if isinstance(exc, ModelLoadError)
+                else ModelLoadError(f"model {entry.name!r} failed to load: {exc}")
+            )
+            self._failed[entry.name] = error.message
+            log.error("model %s failed to load: %s", entry.name, error.message)
+            await self._notify(entry.name, False)
+            raise error from exc
         self._failed.pop(entry.name, None)
-        self._engines[entry.name] = engine
+        self.residents.add(engine, pinned=False)
         log.info("model %s ready in %.2fs", entry.name, time.monotonic() - started)
+        await self._notify(entry.name, True)
         return engine
 
     def _check_accepting(self) -> None:
@@ -166,6 +212,12 @@ class EmbeddingService:
         self._check_accepting()
         self._check_texts(texts)
         engine = await self.engine(model)
+        with self.residents.use(engine.name):
+            return await self._embed(engine, texts, options)
+
+    async def _embed(
+        self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
+    ) -> EmbedResult:
         space = engine.space(options)
         # Large batches tokenise off the event loop so other calls keep flowing.
         if len(texts) > 16:
@@ -199,6 +251,12 @@ class EmbeddingService:
         self._check_accepting()
         check_text(text, None, self.limits.max_chars_per_text)
         engine = await self.engine(model)
+        with self.residents.use(engine.name):
+            return await self._embed_item(engine, text, options)
+
+    async def _embed_item(
+        self, engine: EmbeddingEngine, text: str, options: EmbedOptions
+    ) -> tuple[EmbeddedText, EmbeddingSpace]:
         space = engine.space(options)
         [tokenized] = engine.tokenize([text], options)
         [vector] = await gather_vectors([self.worker.submit(engine, tokenized.ids)])
@@ -212,7 +270,7 @@ class EmbeddingService:
     def statuses(self) -> list[ModelStatus]:
         out = []
         for entry in self.registry.entries():
-            engine = self._engines.get(entry.name)
+            engine = self.residents.get(entry.name)
             located = self.registry.locate(entry)
             reason = ""
             if engine is not None:
