@@ -48,6 +48,8 @@ class Limits:
     max_chars_per_text: int = 200_000
     # Past this many queued tokens, unary calls get RESOURCE_EXHAUSTED.
     max_queued_tokens: int = 2_000_000
+    # Embed calls with at most this many texts are queries: they skip the bulk queue.
+    interactive_max_texts: int = 8
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,8 @@ class EmbeddingService:
                 f"the server has {self.worker.queued_tokens} tokens queued (limit "
                 f"{self.limits.max_queued_tokens}); retry with backoff or use EmbedStream"
             )
-        futures = [self.worker.submit(engine, t.ids) for t in tokenized]
+        interactive = len(texts) <= self.limits.interactive_max_texts
+        futures = [self.worker.submit(engine, t.ids, interactive) for t in tokenized]
         vectors = await gather_vectors(futures)
         return EmbedResult(
             model=engine.name,
