@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from akidb_embed import hub as hub_module
 from akidb_embed.errors import (
     DiskFull,

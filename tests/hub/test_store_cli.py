@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+
 from akidb_embed.registry import Registry
 from akidb_embed.store_cli import main
 
@@ -105,3 +107,26 @@ def test_rm_one_revision_keeps_the_other_and_shared_blobs(
     blobs = list((hub_env.cache / "models--acme--tiny-bert" / "blobs").iterdir())
     kept_files = [p for p in kept.directory.rglob("*") if p.is_file()]
     assert len(blobs) == len(kept_files)  # the removed snapshot's own blobs are gone
+
+
+def test_akidb_embed_command_has_pull_rm_and_an_offline_models(
+    hub_env: HubEnv, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from akidb_embed.cli import main as akidb_embed
+
+    assert akidb_embed(["pull", TINY_REPO]) == 0
+    capsys.readouterr()
+
+    no_server = ["--socket", str(tmp_path / "none.sock"), "--timeout", "2"]
+    assert akidb_embed(["models", *no_server]) == 0
+    out, err = capsys.readouterr()
+    assert "no akidb-embed server answers" in err and "listing the cache" in err
+    assert any(line.startswith(TINY_REPO) and "cached" in line for line in out.splitlines())
+
+    assert akidb_embed(["models", "--offline", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[TINY_REPO]["status"] == "cached"
+
+    assert akidb_embed(["rm", TINY_REPO]) == 0
+    assert akidb_embed(["pull", "acme/missing"]) == 1
+    assert "acme/missing was not found" in capsys.readouterr().err
