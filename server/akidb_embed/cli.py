@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_DIR",
         help=f"preload this model (repeatable; the first is the default; default {DEFAULT_MODEL})",
     )
+    serve.add_argument(
+        "--allow-downloads",
+        action="store_true",
+        help="pull a known model from the Hub on its first request (default: "
+        "FAILED_PRECONDITION with the pull command)",
+    )
     serve.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     serve.add_argument("--socket-mode", default="600", help="socket permissions, octal (600)")
     serve.add_argument("--log-level", default="INFO")
@@ -156,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_chars_per_text=args.max_chars_per_text,
             max_queued_tokens=args.max_queued_tokens,
         ),
+        allow_downloads=args.allow_downloads,
         budget=ModelBudget(
             max_models=args.max_loaded_models,
             max_bytes=args.max_loaded_mb * 1024 * 1024,
