@@ -56,6 +56,8 @@ $(REFERENCE_STAMP): $(SETUP_STAMP)
 
 proto: $(SETUP_STAMP)
 	$(PY) -m grpc_tools.protoc -I proto \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
 	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_SRC)
 	@for d in akidb akidb/embedding akidb/embedding/v1; do touch $(PROTO_OUT)/$$d/__init__.py; done

@@ -3,7 +3,10 @@
 Callers (any thread, any event loop) submit one tokenised text at a time and get a
 `concurrent.futures.Future` for its pooled vector. The thread groups pending texts per model
 into batches bounded by a token budget (padded tokens = rows x longest row), sorted by length
-so little compute goes to padding. A cancelled future (caller gone, deadline passed) leaves
+so little compute goes to padding. Interactive work (a query of a few texts) has its own
+lane that is served before bulk work, so a query waits for at most the batch in progress,
+never behind a re-index backlog. There is no fill timer: a batch starts as soon as the
+thread is free, with whatever is queued. A cancelled future (caller gone, deadline passed) leaves
 the queue without costing compute. Model loads run on the same thread, between batches.
 """
 
@@ -87,7 +90,9 @@ class ComputeWorker:
         self.max_batch_size = max_batch_size
         self._on_batch = on_batch
         self._cond = threading.Condition()
-        self._queues: dict[str, deque[_Item]] = {}
+        # Per lane, per model: FIFO queues. Interactive is always served first.
+        self._interactive: dict[str, deque[_Item]] = {}
+        self._bulk: dict[str, deque[_Item]] = {}
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._queued_tokens = 0
         self._stopping = False
@@ -110,7 +115,11 @@ class ComputeWorker:
     @property
     def queued_items(self) -> int:
         with self._cond:
-            return sum(len(q) for q in self._queues.values())
+            return sum(len(q) for lane in self._lanes for q in lane.values())
+
+    @property
+    def _lanes(self) -> tuple[dict[str, deque[_Item]], ...]:
+        return (self._interactive, self._bulk)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the compute thread (model loads, warm-up)."""
@@ -120,24 +129,33 @@ class ComputeWorker:
             self._cond.notify()
         return future
 
-    def submit(self, model: BatchModel, ids: Sequence[int]) -> Future[np.ndarray]:
+    def submit(
+        self, model: BatchModel, ids: Sequence[int], interactive: bool = False
+    ) -> Future[np.ndarray]:
         future: Future[np.ndarray] = Future()
+        lane = self._interactive if interactive else self._bulk
         with self._cond:
-            self._queues.setdefault(model.name, deque()).append(_Item(model, ids, future))
+            lane.setdefault(model.name, deque()).append(_Item(model, ids, future))
             self._queued_tokens += len(ids)
             self._cond.notify()
         return future
 
     def _take_window(self) -> list[_Item]:
-        """Pop the next model's oldest items, about one batch's worth (lock held).
+        """Pop the oldest items of the next model, about one batch's worth (lock held):
+        the interactive lane first, then bulk."""
+        for lane in self._lanes:
+            window = self._take_from(lane)
+            if window:
+                return window
+        return []
 
-        Small windows keep a query that arrives during bulk work from waiting long."""
-        for name in list(self._queues):
-            queue = self._queues[name]
+    def _take_from(self, queues: dict[str, deque[_Item]]) -> list[_Item]:
+        for name in list(queues):
+            queue = queues[name]
             if not queue:
                 continue
             # Round-robin across models: move this one to the back.
-            self._queues[name] = self._queues.pop(name)
+            queues[name] = queues.pop(name)
             window: list[_Item] = []
             tokens = 0
             while queue and tokens < self.max_batch_tokens and len(window) < self.max_batch_size:
@@ -149,10 +167,13 @@ class ComputeWorker:
             return window
         return []
 
+    def _has_items(self) -> bool:
+        return any(q for lane in self._lanes for q in lane.values())
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not any(self._queues.values()) and not self._stopping:
+                while not self._jobs and not self._has_items() and not self._stopping:
                     self._cond.wait()
                 if self._jobs:
                     job: tuple[Callable[[], Any], Future[Any]] | None = self._jobs.popleft()

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from akidb.embedding.v1 import embedding_service_pb2 as pb
-from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from akidb.embedding.v1 import embedding_service_pb2 as pb
+from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 from .backend import describe_backend
 from .batching import ComputeWorker
@@ -23,6 +24,7 @@ from .errors import EmbedError
 from .interceptor import ObservingInterceptor
 from .metrics import Metrics, MetricsEndpoint
 from .registry import DEFAULT_MODEL, Registry
+from .residency import ModelBudget
 from .service import EmbeddingService, Limits
 from .servicer import EmbeddingServicer
 from .unix_socket import prepare_socket_path
@@ -48,6 +50,8 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     stream_window: int = 256
     limits: Limits = field(default_factory=Limits)
+    budget: ModelBudget = field(default_factory=ModelBudget)
+    allow_downloads: bool = False
     # Prometheus `/metrics` over HTTP when set (0 picks a free port).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -73,10 +77,18 @@ class EmbeddingServer:
         self.worker = ComputeWorker(
             config.max_batch_tokens, config.max_batch_size, on_batch=self.metrics.observe_batch
         )
-        self.service = EmbeddingService(self.registry, self.worker, config.limits, self.metrics)
+        self.service = EmbeddingService(
+            self.registry,
+            self.worker,
+            config.limits,
+            config.budget,
+            allow_downloads=config.allow_downloads,
+            metrics=self.metrics,
+        )
         self.metrics.watch(self.service)
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()
+        self.service.on_model_change = self._model_changed
         self.server = grpc.aio.server(
             interceptors=[ObservingInterceptor(self.metrics)],
             options=[
@@ -86,6 +98,7 @@ class EmbeddingServer:
         )
         self.addresses: list[str] = []
         self._stopped = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen, then load and warm the models; health is NOT_SERVING until they are."""
@@ -111,11 +124,22 @@ class EmbeddingServer:
         if self.config.models:
             self.registry.default_model = self.config.models[0]
         for name in self.config.models:
-            await self.service.engine(name)
-            await self.health.set(name, SERVING)
+            await self.service.engine(name, pin=True)
         self.service.ready = True
         await self._set_all(SERVING)
+        if self.config.budget.keep_alive_seconds:
+            self._reaper = asyncio.create_task(self._unload_idle_models())
         log.info("SERVING (backend: %s)", describe_backend())
+
+    async def _model_changed(self, name: str, serving: bool) -> None:
+        if not self._stopped.is_set():
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
+
+    async def _unload_idle_models(self) -> None:
+        interval = min(30.0, max(0.1, self.config.budget.keep_alive_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.service.unload_expired()
 
     async def _set_all(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -141,6 +165,8 @@ class EmbeddingServer:
         log.info("shutting down: draining in-flight calls (grace %.0fs)", self.config.grace_seconds)
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
+        if self._reaper is not None:
+            self._reaper.cancel()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await asyncio.to_thread(self.worker.stop)
         if self.metrics_endpoint is not None:

@@ -9,10 +9,11 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import mlx.core as mx
 import numpy as np
 
 from . import __version__
@@ -22,13 +23,13 @@ from .errors import (
     EmbedError,
     InvalidArgument,
     ModelLoadError,
-    ModelNotAvailable,
     Overloaded,
     Unavailable,
 )
 from .loader import load_engine
 from .metrics import Metrics
 from .registry import LocatedModel, ModelEntry, Registry
+from .residency import ModelBudget, ResidentModels
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Limits:
     max_chars_per_text: int = 200_000
     # Past this many queued tokens, unary calls get RESOURCE_EXHAUSTED.
     max_queued_tokens: int = 2_000_000
+    # Embed calls with at most this many texts are queries: they skip the bulk queue.
+    interactive_max_texts: int = 8
 
 
 @dataclass(frozen=True)
@@ -83,17 +86,24 @@ class EmbeddingService:
         registry: Registry,
         worker: ComputeWorker,
         limits: Limits | None = None,
+        budget: ModelBudget | None = None,
+        allow_downloads: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         self.registry = registry
         self.worker = worker
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
+        self.residents = ResidentModels(budget or ModelBudget())
+        # Pull a known model that is not cached on first request, instead of
+        # FAILED_PRECONDITION with the pull command.
+        self.allow_downloads = allow_downloads
+        # Told when a model starts (True) or stops (False) serving: the server's health.
+        self.on_model_change: Callable[[str, bool], Awaitable[None]] | None = None
         self.started_at = time.monotonic()
         self.accepting = True
         # True once the preloaded models are warm (the server flips it).
         self.ready = False
-        self._engines: dict[str, EmbeddingEngine] = {}
         self._loading: dict[str, asyncio.Future[EmbeddingEngine]] = {}
         self._failed: dict[str, str] = {}
 
@@ -106,28 +116,62 @@ class EmbeddingService:
         return time.monotonic() - self.started_at
 
     def loaded(self) -> list[EmbeddingEngine]:
-        return list(self._engines.values())
+        return self.residents.engines()
 
-    async def engine(self, name: str) -> EmbeddingEngine:
-        """The warm engine for `name`, loading it first if it is on disk."""
+    async def _notify(self, name: str, serving: bool) -> None:
+        if self.on_model_change is not None:
+            await self.on_model_change(name, serving)
+
+    async def engine(self, name: str, pin: bool = False) -> EmbeddingEngine:
+        """The warm engine for `name`, loading it first if it is on disk. A pinned model
+        (preloaded) is never unloaded for the budget or the keep-alive."""
         entry = self.registry.resolve(name)
-        engine = self._engines.get(entry.name)
-        if engine is not None:
-            return engine
-        pending = self._loading.get(entry.name)
-        if pending is None:
-            pending = asyncio.ensure_future(self._load(entry))
-            self._loading[entry.name] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(entry.name, None))
-        return await asyncio.shield(pending)
+        engine = self.residents.get(entry.name)
+        if engine is None:
+            pending = self._loading.get(entry.name)
+            if pending is None:
+                pending = asyncio.ensure_future(self._load(entry))
+                self._loading[entry.name] = pending
+                pending.add_done_callback(lambda _: self._loading.pop(entry.name, None))
+            engine = await asyncio.shield(pending)
+        if pin:
+            self.residents.pin(entry.name)
+        return engine
+
+    async def unload(self, name: str) -> None:
+        self.residents.remove(name)
+        # Give the freed buffers back; MLX keeps a cache otherwise.
+        await asyncio.wrap_future(self.worker.call(mx.clear_cache))
+        log.info("unloaded model %s", name)
+        await self._notify(name, False)
+
+    async def unload_expired(self) -> None:
+        """Unload idle on-demand models past the keep-alive (the server calls this)."""
+        for name in self.residents.expired():
+            await self.unload(name)
+
+    async def _make_room(self, entry: ModelEntry, size_bytes: int) -> None:
+        victims = self.residents.evictions_for(size_bytes)
+        if victims is None:
+            budget = self.residents.budget
+            raise Overloaded(
+                f"loading {entry.name!r} would exceed the model budget "
+                f"(max {budget.max_models or 'any'} models, "
+                f"{budget.max_bytes or 'any'} bytes) and every loaded model is busy or "
+                "preloaded; retry later, or raise --max-loaded-models / --max-loaded-bytes"
+            )
+        for name in victims:
+            await self.unload(name)
 
     async def _load(self, entry: ModelEntry) -> EmbeddingEngine:
-        located = self.registry.locate(entry)
-        if located is None:
-            raise ModelNotAvailable(
-                f"model {entry.name!r} ({entry.source}) is not downloaded; "
-                f"run `akidb-embed pull {entry.name}` on the server's host, then retry"
-            )
+        # A pull can take minutes: its own thread, never the compute thread.
+        located = await asyncio.to_thread(
+            self.registry.ensure,
+            entry,
+            allow_download=self.allow_downloads,
+            notify=lambda message: log.info("%s: %s", entry.name, message),
+        )
+        await self._make_room(entry, located.size_bytes)
         started = time.monotonic()
         log.info("loading model %s from %s", entry.name, located.directory)
 
@@ -149,15 +193,20 @@ class EmbeddingService:
         try:
             with self.metrics.time_model_load(entry.name):
                 engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
-        except ModelLoadError as exc:
-            self._failed[entry.name] = exc.message
-            raise
         except Exception as exc:
-            self._failed[entry.name] = f"loading failed: {exc}"
-            raise ModelLoadError(f"model {entry.name!r} failed to load: {exc}") from exc
+            error = (
+                exc
+                if isinstance(exc, ModelLoadError)
+                else ModelLoadError(f"model {entry.name!r} failed to load: {exc}")
+            )
+            self._failed[entry.name] = error.message
+            log.error("model %s failed to load: %s", entry.name, error.message)
+            await self._notify(entry.name, False)
+            raise error from exc
         self._failed.pop(entry.name, None)
-        self._engines[entry.name] = engine
+        self.residents.add(engine, pinned=False)
         log.info("model %s ready in %.2fs", entry.name, time.monotonic() - started)
+        await self._notify(entry.name, True)
         return engine
 
     def _check_accepting(self) -> None:
@@ -180,6 +229,12 @@ class EmbeddingService:
         self._check_accepting()
         self._check_texts(texts)
         engine = await self.engine(model)
+        with self.residents.use(engine.name):
+            return await self._embed(engine, texts, options)
+
+    async def _embed(
+        self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
+    ) -> EmbedResult:
         space = engine.space(options)
         # Large batches tokenise off the event loop so other calls keep flowing.
         with self.metrics.time_tokenize(engine.name):
@@ -192,7 +247,8 @@ class EmbeddingService:
                 f"the server has {self.worker.queued_tokens} tokens queued (limit "
                 f"{self.limits.max_queued_tokens}); retry with backoff or use EmbedStream"
             )
-        futures = [self.worker.submit(engine, t.ids) for t in tokenized]
+        interactive = len(texts) <= self.limits.interactive_max_texts
+        futures = [self.worker.submit(engine, t.ids, interactive) for t in tokenized]
         vectors = await gather_vectors(futures)
         return EmbedResult(
             model=engine.name,
@@ -214,6 +270,12 @@ class EmbeddingService:
         self._check_accepting()
         check_text(text, None, self.limits.max_chars_per_text)
         engine = await self.engine(model)
+        with self.residents.use(engine.name):
+            return await self._embed_item(engine, text, options)
+
+    async def _embed_item(
+        self, engine: EmbeddingEngine, text: str, options: EmbedOptions
+    ) -> tuple[EmbeddedText, EmbeddingSpace]:
         space = engine.space(options)
         with self.metrics.time_tokenize(engine.name):
             [tokenized] = engine.tokenize([text], options)
@@ -228,7 +290,7 @@ class EmbeddingService:
     def statuses(self) -> list[ModelStatus]:
         out = []
         for entry in self.registry.entries():
-            engine = self._engines.get(entry.name)
+            engine = self.residents.get(entry.name)
             located = self.registry.locate(entry)
             reason = ""
             if engine is not None:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from akidb_embed_client import EmbedClient
 
+from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]

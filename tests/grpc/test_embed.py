@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from akidb_embed_client import AsyncEmbedClient, EmbedClient, EmbedClientError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tests.conftest import ServerThread
 
 TEXTS = [

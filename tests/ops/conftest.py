@@ -18,12 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.server import ServerConfig
-from akidb_embed_client import EmbedClient, EmbedClientError
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.server import ServerConfig
+from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 
 REPO = Path(__file__).resolve().parents[2]

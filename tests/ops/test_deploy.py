@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from akidb_embed.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
+
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from akidb_embed_client import EmbedClient, EmbedClientError
-from grpc_health.v1 import health_pb2
-
 from tests.conftest import ServerThread
 from tests.ops.conftest import ServerProcess, handled, scrape, server_env, value
 

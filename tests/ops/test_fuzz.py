@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from akidb.embedding.v1 import embedding_service_pb2 as pb
-from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from akidb.embedding.v1 import embedding_service_pb2 as pb
+from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread
 from tests.ops.conftest import PRECISE
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from akidb_embed_client import EmbedClient
-
 from tests.ops.conftest import ServerProcess, handled, scrape_url, value
 
 CLIENTS = 16

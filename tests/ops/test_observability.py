@@ -12,13 +12,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from akidb_embed.logs import REQUEST_ID, JsonFormatter, RequestIdFilter
 from akidb_embed.server import ServerConfig
 from akidb_embed_client import EmbedClient
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tests.conftest import ServerThread
 from tests.ops.conftest import handled, scrape, value
 

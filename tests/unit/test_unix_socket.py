@@ -7,9 +7,9 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from akidb_embed.server import ServerConfig
 from akidb_embed.unix_socket import SocketInUse, prepare_socket_path
-
 from tests.conftest import ServerThread
 
 
