@@ -25,6 +25,7 @@ from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 from tests.ops.conftest import ServerProcess, handled, scrape, server_env, value
 
+MODEL = "all-minilm-l6-v2"
 # What each kind of damage must say, besides naming the model.
 DAMAGE_HINTS = {
     "broken-header": "damaged",
@@ -55,9 +56,11 @@ def test_damaged_model_is_a_clear_failed_precondition_and_the_default_keeps_serv
         models = {m.name: m for m in client.list_models()}
         assert models[name].state == pb.MODEL_STATE_FAILED
         assert DAMAGE_HINTS[name] in models[name].state_reason
-        assert models["all-minilm-l6-v2"].state == pb.MODEL_STATE_LOADED
+        assert models[MODEL].state == pb.MODEL_STATE_LOADED
 
+        assert client.check(name) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert client.check() == health_pb2.HealthCheckResponse.SERVING
+        assert client.check(MODEL) == health_pb2.HealthCheckResponse.SERVING
         assert client.health().status == pb.SERVING_STATUS_SERVING
         vectors = client.embed(["the default model still works"]).vectors
         assert vectors.shape == (1, 384) and np.isfinite(vectors).all()
