@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import signal
 import subprocess
 import sys
@@ -250,9 +251,22 @@ async def test_sigterm_under_load_answers_every_accepted_item_and_exits_0(
 ) -> None:
     socket_dir = tmp_path / "run"
     socket_dir.mkdir(mode=0o700)
-    server = ServerProcess(socket_dir / "embed.sock", tmp_path / "server.log", "--grace", "60")
+    server = ServerProcess(
+        socket_dir / "embed.sock", tmp_path / "server.log", "--grace", "60", "--log-format", "json"
+    )
     try:
         await asyncio.to_thread(server.wait_serving)
+        # A second server on the same socket refuses to start and leaves the first alone.
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "akidb_embed", "serve", "--socket", server.target],
+            capture_output=True,
+            text=True,
+            env=server_env(),
+            timeout=120,
+        )
+        assert second.returncode == 1, second.stderr
+        assert "already listening" in second.stderr
         with EmbedClient(server.target, timeout=60) as client:
             reference = client.embed(REFERENCE_TEXTS).vectors
         report = DrainReport()
@@ -272,7 +286,10 @@ async def test_sigterm_under_load_answers_every_accepted_item_and_exits_0(
         server.close()
     log = server.log()
     assert exit_code == 0, log
-    assert "stopped" in log
+    # --log-format json: every line is one JSON object.
+    lines = [json.loads(line) for line in log.splitlines()]
+    assert lines[-1]["message"] == "stopped"
+    assert any(line["message"].startswith("shutting down") for line in lines)
     assert not server.socket_path.exists()
     assert report.codes["stream OK"] + report.codes["stream refused"] == 4
     assert report.codes["unary UNAVAILABLE"] == 4
