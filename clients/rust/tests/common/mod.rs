@@ -21,7 +21,8 @@ use akidb_embed_client::{ChannelOptions, Client};
 const BOOTSTRAP: &str = r#"
 import os, runpy, signal, sys, threading
 def _watch_parent():
-    sys.stdin.buffer.read()
+    while os.read(0, 4096):  # raw fd: a buffered stdin would block interpreter exit
+        pass
     os.kill(os.getpid(), signal.SIGTERM)
 threading.Thread(target=_watch_parent, daemon=True).start()
 sys.argv = ["akidb_embed"] + sys.argv[1:]
