@@ -4,6 +4,7 @@ sentence-transformers pipeline files (modules.json, pooling, Dense, prompts)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -129,11 +130,19 @@ def load_safetensors(directory: Path) -> dict[str, mx.array]:
     return weights
 
 
+def identity(x: mx.array) -> mx.array:
+    return x
+
+
 def dense_head(path: Path) -> Head:
     """A sentence-transformers Dense module (Linear + activation)."""
     config = read_json(path / "config.json")
     activation = str(config.get("activation_function", "")).rsplit(".", 1)[-1]
-    activations = {"Identity": lambda x: x, "Tanh": mx.tanh, "": lambda x: x}
+    activations: dict[str, Callable[[mx.array], mx.array]] = {
+        "Identity": identity,
+        "": identity,
+        "Tanh": mx.tanh,
+    }
     if activation not in activations:
         raise ModelLoadError(f"Dense activation {activation!r} in {path} is not supported")
     layer = nn.Linear(
