@@ -11,7 +11,11 @@ struct MethodPaths;
 impl prost_build::ServiceGenerator for MethodPaths {
     fn generate(&mut self, service: prost_build::Service, buf: &mut String) {
         let module = heck_snake(&service.name);
-        let _ = writeln!(buf, "/// HTTP/2 paths of `{}.{}`'s methods.", service.package, service.proto_name);
+        let _ = writeln!(
+            buf,
+            "/// HTTP/2 paths of `{}.{}`'s methods.",
+            service.package, service.proto_name
+        );
         let _ = writeln!(buf, "pub mod {} {{", module);
         for method in &service.methods {
             let _ = writeln!(

@@ -10,13 +10,19 @@ use futures_util::StreamExt;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let target = args.next().unwrap_or_else(|| "unix:/tmp/akidb-embed.sock".to_string());
+    let target = args
+        .next()
+        .unwrap_or_else(|| "unix:/tmp/akidb-embed.sock".to_string());
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1000);
 
-    let client = Client::connect(&target).await?.with_timeout(Duration::from_secs(30));
+    let client = Client::connect(&target)
+        .await?
+        .with_timeout(Duration::from_secs(30));
 
     // Query path: one text, the server's default model.
-    let query = client.embed("", ["what is a vector database?"], None).await?;
+    let query = client
+        .embed("", ["what is a vector database?"], None)
+        .await?;
     let space = &query.space;
     println!(
         "query: {} dims, {} tokens, space {} ({} @ {})",
@@ -35,7 +41,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Bulk path: ids in, results out as they come; no deadline for the whole stream.
     let bulk = Client::connect(&target).await?;
-    let docs = futures_util::stream::iter((0..n).map(|i| StreamItem::new(i.to_string(), format!("document {}", i))));
+    let docs = futures_util::stream::iter(
+        (0..n).map(|i| StreamItem::new(i.to_string(), format!("document {}", i))),
+    );
     let started = Instant::now();
     let mut results = bulk.embed_stream(docs).await?;
     let (mut ok, mut failed) = (0usize, 0usize);
@@ -46,6 +54,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("stream: {} ok, {} failed in {:.2} s ({:.0}/s)", ok, failed, secs, n as f64 / secs);
+    println!(
+        "stream: {} ok, {} failed in {:.2} s ({:.0}/s)",
+        ok,
+        failed,
+        secs,
+        n as f64 / secs
+    );
     Ok(())
 }

@@ -131,7 +131,12 @@ impl Client {
     }
 
     /// Embeds `texts` with `model` ("" = the server's default).
-    pub async fn embed<I>(&self, model: &str, texts: I, options: Option<EmbedOptions>) -> Result<Embeddings, Status>
+    pub async fn embed<I>(
+        &self,
+        model: &str,
+        texts: I,
+        options: Option<EmbedOptions>,
+    ) -> Result<Embeddings, Status>
     where
         I: IntoIterator,
         I::Item: Into<String>,
@@ -142,11 +147,18 @@ impl Client {
             options,
         };
         let sent = request.texts.len();
-        let response: pb::EmbedResponse = self.channel.unary(paths::EMBED, &request, self.timeout).await?;
+        let response: pb::EmbedResponse = self
+            .channel
+            .unary(paths::EMBED, &request, self.timeout)
+            .await?;
         if response.embeddings.len() != sent {
             return Err(Status::new(
                 Code::Internal,
-                format!("server returned {} embeddings for {} texts", response.embeddings.len(), sent),
+                format!(
+                    "server returned {} embeddings for {} texts",
+                    response.embeddings.len(),
+                    sent
+                ),
             ));
         }
         Ok(Embeddings {
@@ -171,7 +183,10 @@ impl Client {
     {
         let (mut sink, responses) = self
             .channel
-            .streaming::<pb::EmbedStreamRequest, pb::EmbedStreamResponse>(paths::EMBED_STREAM, self.timeout)
+            .streaming::<pb::EmbedStreamRequest, pb::EmbedStreamResponse>(
+                paths::EMBED_STREAM,
+                self.timeout,
+            )
             .await?;
         let in_flight = Arc::new(Semaphore::new(self.stream_in_flight));
         let permits = in_flight.clone();
@@ -244,7 +259,12 @@ impl Client {
             if tokio::time::Instant::now() >= deadline {
                 return Err(Status::new(
                     Code::Unavailable,
-                    format!("server at {} not SERVING after {:?}: {}", self.channel.target(), within, last),
+                    format!(
+                        "server at {} not SERVING after {:?}: {}",
+                        self.channel.target(),
+                        within,
+                        last
+                    ),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -296,7 +316,10 @@ fn decode_stream_response(response: pb::EmbedStreamResponse) -> StreamResult {
     let embedding = match response.result {
         Some(Outcome::Embedding(e)) => decode_embedding(e),
         Some(Outcome::Error(e)) => Err(Status::new(Code::from_u32(e.code), e.message)),
-        None => Err(Status::new(Code::Internal, "stream response without an embedding or an error")),
+        None => Err(Status::new(
+            Code::Internal,
+            "stream response without an embedding or an error",
+        )),
     };
     StreamResult {
         id: response.id,
@@ -348,6 +371,9 @@ mod tests {
         });
         assert_eq!(r.id, "x");
         let err = r.embedding.unwrap_err();
-        assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "text is empty"));
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::InvalidArgument, "text is empty")
+        );
     }
 }

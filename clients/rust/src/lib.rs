@@ -19,8 +19,8 @@ pub mod pb {
 }
 
 pub use client::{
-    Client, EmbedOptions, Embedding, Embeddings, EmbeddingSpace, HealthResponse, ModelInfo, PromptChoice,
-    ResultStream, ServingStatus, StreamItem, StreamResult, DEFAULT_STREAM_IN_FLIGHT,
+    Client, EmbedOptions, Embedding, EmbeddingSpace, Embeddings, HealthResponse, ModelInfo,
+    PromptChoice, ResultStream, ServingStatus, StreamItem, StreamResult, DEFAULT_STREAM_IN_FLIGHT,
 };
 pub use futures_core::Stream;
 pub use grpc::{ChannelOptions, Code, Status};

@@ -28,19 +28,30 @@ async fn unary_embed_equals_the_python_clients_vectors() {
     assert_eq!(rust.model, python.model);
     assert!(!rust.space.fingerprint.is_empty());
     assert_eq!(rust.space.fingerprint, python.fingerprint);
-    assert_eq!(rust.space.dimensions as usize, rust.embeddings[0].vector.len());
+    assert_eq!(
+        rust.space.dimensions as usize,
+        rust.embeddings[0].vector.len()
+    );
     let mut worst_abs = 0.0f64;
     let mut worst_cos = 1.0f64;
     for (i, (r, p)) in rust.embeddings.iter().zip(&python.vectors).enumerate() {
         assert_eq!(r.vector.len(), p.len(), "text {}", i);
         assert_eq!(r.token_count, python.token_counts[i], "text {}", i);
-        assert!((norm(&r.vector) - 1.0).abs() < 1e-5, "text {} norm {}", i, norm(&r.vector));
+        assert!(
+            (norm(&r.vector) - 1.0).abs() < 1e-5,
+            "text {} norm {}",
+            i,
+            norm(&r.vector)
+        );
         worst_abs = worst_abs.max(max_abs_diff(&r.vector, p));
         worst_cos = worst_cos.min(cosine(&r.vector, p));
     }
     let total: u64 = rust.embeddings.iter().map(|e| e.token_count as u64).sum();
     assert_eq!(rust.total_tokens, total);
-    eprintln!("rust vs python client: max abs diff {:e}, min cosine {}", worst_abs, worst_cos);
+    eprintln!(
+        "rust vs python client: max abs diff {:e}, min cosine {}",
+        worst_abs, worst_cos
+    );
     // Same server, same batch: the vectors must be the same numbers.
     assert!(worst_abs <= 1e-6, "max abs diff {}", worst_abs);
     // And different texts are different vectors (the comparison can fail).
@@ -51,8 +62,9 @@ async fn unary_embed_equals_the_python_clients_vectors() {
 async fn stream_of_10000_items_is_answered_once_each_in_order() {
     let client = shared_client().await;
     const N: usize = 10_000;
+    // Short texts: this checks the stream's bookkeeping, not the model's speed.
     let items = futures_util::stream::iter(
-        (0..N).map(|i| StreamItem::new(format!("doc-{}", i), format!("document number {} is about topic {}", i, i % 97))),
+        (0..N).map(|i| StreamItem::new(format!("doc-{}", i), format!("document {}", i))),
     );
     let started = Instant::now();
     let mut results = client.embed_stream(items).await.unwrap();
@@ -61,7 +73,11 @@ async fn stream_of_10000_items_is_answered_once_each_in_order() {
     let mut sample = Vec::new();
     while let Some(result) = results.next().await {
         let result = result.unwrap();
-        assert_eq!(result.id, format!("doc-{}", seen), "answers out of order or duplicated");
+        assert_eq!(
+            result.id,
+            format!("doc-{}", seen),
+            "answers out of order or duplicated"
+        );
         let embedding = result.embedding.unwrap();
         assert!((norm(&embedding.vector) - 1.0).abs() < 1e-5);
         let space = result.space.expect("space with every embedding");
@@ -85,7 +101,7 @@ async fn stream_of_10000_items_is_answered_once_each_in_order() {
     );
     // Streamed vectors are the unary vectors of the same texts (batches differ: allow float noise).
     for (i, v) in sample {
-        let text = format!("document number {} is about topic {}", i, i % 97);
+        let text = format!("document {}", i);
         let unary = client.embed("", [text], None).await.unwrap();
         assert!(cosine(&v, &unary.embeddings[0].vector) > 0.99999);
         assert!(max_abs_diff(&v, &unary.embeddings[0].vector) < 1e-4);
@@ -97,7 +113,10 @@ async fn a_bad_item_gets_its_own_error_and_the_stream_goes_on() {
     let client = shared_client().await;
     const TEXTS5: [&str; 5] = ["first", "second", "", "fourth", "fifth"];
     let items = futures_util::stream::iter(
-        TEXTS5.iter().enumerate().map(|(i, t)| StreamItem::new(format!("id{}", i), *t)),
+        TEXTS5
+            .iter()
+            .enumerate()
+            .map(|(i, t)| StreamItem::new(format!("id{}", i), *t)),
     );
     let results: Vec<_> = client.embed_stream(items).await.unwrap().collect().await;
     assert_eq!(results.len(), 5);
@@ -117,16 +136,26 @@ async fn a_bad_item_gets_its_own_error_and_the_stream_goes_on() {
 #[tokio::test]
 async fn an_unknown_model_is_not_found() {
     let client = shared_client().await;
-    let err = client.embed("no-such-model-xyz", ["hello"], None).await.unwrap_err();
+    let err = client
+        .embed("no-such-model-xyz", ["hello"], None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{}", err);
-    assert!(err.message().contains("no-such-model-xyz"), "{}", err.message());
+    assert!(
+        err.message().contains("no-such-model-xyz"),
+        "{}",
+        err.message()
+    );
 
     // In a stream it is the item's error; the next item switches back and succeeds.
     let mut bad = StreamItem::new("bad", "hello");
     bad.model = Some("no-such-model-xyz".into());
     let default_model = client.health().await.unwrap();
     let models = client.list_models().await.unwrap();
-    let default = models.iter().find(|m| m.is_default).expect("a default model");
+    let default = models
+        .iter()
+        .find(|m| m.is_default)
+        .expect("a default model");
     let mut good = StreamItem::new("good", "hello");
     good.model = Some(default.name.clone());
     let results: Vec<_> = client
@@ -135,7 +164,16 @@ async fn an_unknown_model_is_not_found() {
         .unwrap()
         .collect()
         .await;
-    assert_eq!(results[0].as_ref().unwrap().embedding.as_ref().unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        results[0]
+            .as_ref()
+            .unwrap()
+            .embedding
+            .as_ref()
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
     assert!(results[1].as_ref().unwrap().embedding.is_ok());
     assert_eq!(default_model.status, ServingStatus::Serving as i32);
 }
@@ -153,13 +191,19 @@ async fn messages_larger_than_the_http2_window_go_both_ways() {
         // 64 texts of ~4.2 KB: a request over 256 KiB; the response is 64 vectors of
         // 384+ floats, over 96 KiB. One long word is one [UNK] token for WordPiece
         // models, so the server's compute stays small on a busy CI machine.
-        let texts: Vec<String> = (0..64).map(|i| format!("text {} {}", i, "x".repeat(4200))).collect();
+        let texts: Vec<String> = (0..64)
+            .map(|i| format!("text {} {}", i, "x".repeat(4200)))
+            .collect();
         let request_bytes: usize = texts.iter().map(|t| t.len()).sum();
         assert!(request_bytes > 4 * 65_535);
         let out = client.embed("", texts, None).await.unwrap();
         assert_eq!(out.embeddings.len(), 64);
         let response_bytes: usize = out.embeddings.iter().map(|e| e.vector.len() * 4).sum();
-        assert!(response_bytes > 65_535, "response only {} bytes", response_bytes);
+        assert!(
+            response_bytes > 65_535,
+            "response only {} bytes",
+            response_bytes
+        );
         for e in &out.embeddings {
             assert!(e.token_count >= 3);
             assert!((norm(&e.vector) - 1.0).abs() < 1e-5);
@@ -170,7 +214,9 @@ async fn messages_larger_than_the_http2_window_go_both_ways() {
 #[tokio::test]
 async fn an_expired_deadline_is_deadline_exceeded_and_the_client_recovers() {
     let client = shared_client().await;
-    let texts: Vec<String> = (0..64).map(|i| format!("{} {}", i, "deadline".repeat(500))).collect();
+    let texts: Vec<String> = (0..64)
+        .map(|i| format!("{} {}", i, "deadline".repeat(500)))
+        .collect();
     let started = Instant::now();
     let err = client
         .with_timeout(Duration::from_millis(1))
@@ -178,9 +224,17 @@ async fn an_expired_deadline_is_deadline_exceeded_and_the_client_recovers() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err);
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     // A roomy deadline on the same connection still works.
-    let ok = client.with_timeout(Duration::from_secs(60)).embed("", ["after"], None).await.unwrap();
+    let ok = client
+        .with_timeout(Duration::from_secs(60))
+        .embed("", ["after"], None)
+        .await
+        .unwrap();
     assert_eq!(ok.embeddings.len(), 1);
 }
 
@@ -188,8 +242,14 @@ async fn an_expired_deadline_is_deadline_exceeded_and_the_client_recovers() {
 async fn list_models_and_health_describe_the_server() {
     let client = shared_client().await;
     let models = client.list_models().await.unwrap();
-    let default = models.iter().find(|m| m.is_default).expect("a default model");
-    assert_eq!(default.state, akidb_embed_client::pb::ModelState::Loaded as i32);
+    let default = models
+        .iter()
+        .find(|m| m.is_default)
+        .expect("a default model");
+    assert_eq!(
+        default.state,
+        akidb_embed_client::pb::ModelState::Loaded as i32
+    );
     assert!(default.dimensions > 0);
     let out = client.embed(&default.name, ["x"], None).await.unwrap();
     assert_eq!(out.embeddings[0].vector.len(), default.dimensions as usize);
@@ -213,7 +273,10 @@ async fn the_client_reconnects_after_the_server_restarts() {
     assert_eq!(down.code(), Code::Unavailable, "{}", down);
 
     server.restart();
-    client.wait_until_serving(Duration::from_secs(180)).await.unwrap();
+    client
+        .wait_until_serving(Duration::from_secs(180))
+        .await
+        .unwrap();
     let after = client.embed("", ["restart me"], None).await.unwrap();
     assert_eq!(after.space.fingerprint, before.space.fingerprint);
     assert!(max_abs_diff(&after.embeddings[0].vector, &before.embeddings[0].vector) < 1e-6);

@@ -65,7 +65,10 @@ impl Target {
             }
             return Ok(Target::Unix(PathBuf::from(path)));
         }
-        let host_port = target.strip_prefix("http://").unwrap_or(target).trim_end_matches('/');
+        let host_port = target
+            .strip_prefix("http://")
+            .unwrap_or(target)
+            .trim_end_matches('/');
         match host_port.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                 Ok(Target::Tcp(host_port.to_string()))
@@ -205,7 +208,9 @@ impl Channel {
                 self.handshake(io, generation).await
             }
             Target::Tcp(host_port) => {
-                let io = TcpStream::connect(host_port.as_str()).await.map_err(unreachable)?;
+                let io = TcpStream::connect(host_port.as_str())
+                    .await
+                    .map_err(unreachable)?;
                 // Small request messages must not wait for Nagle's algorithm.
                 io.set_nodelay(true).map_err(unreachable)?;
                 self.handshake(io, generation).await
@@ -288,7 +293,12 @@ impl Channel {
     }
 
     /// A unary call: one request message, one response message.
-    pub async fn unary<Q, R>(&self, path: &str, request: &Q, timeout: Option<Duration>) -> Result<R, Status>
+    pub async fn unary<Q, R>(
+        &self,
+        path: &str,
+        request: &Q,
+        timeout: Option<Duration>,
+    ) -> Result<R, Status>
     where
         Q: Message,
         R: Message + Default,
@@ -303,11 +313,17 @@ impl Channel {
             let receiving = async {
                 let message = match responses.message().await? {
                     Some(m) => m,
-                    None => return Err(Status::internal("server ended a unary call with OK but no response message")),
+                    None => {
+                        return Err(Status::internal(
+                            "server ended a unary call with OK but no response message",
+                        ))
+                    }
                 };
                 match responses.message().await? {
                     None => Ok(message),
-                    Some(_) => Err(Status::internal("server sent more than one message for a unary call")),
+                    Some(_) => Err(Status::internal(
+                        "server sent more than one message for a unary call",
+                    )),
                 }
             };
             tokio::pin!(sending, receiving);
@@ -366,9 +382,15 @@ where
 /// Writes `data` no faster than the peer's flow-control window allows, so
 /// nothing piles up in h2's (unbounded) send buffer and a slow server pushes
 /// back on the sender.
-pub(crate) async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes, end_of_stream: bool) -> Result<(), Status> {
+pub(crate) async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end_of_stream: bool,
+) -> Result<(), Status> {
     if data.is_empty() {
-        return send.send_data(data, end_of_stream).map_err(|e| Status::from_h2(&e));
+        return send
+            .send_data(data, end_of_stream)
+            .map_err(|e| Status::from_h2(&e));
     }
     while !data.is_empty() {
         send.reserve_capacity(data.len());
@@ -376,7 +398,11 @@ pub(crate) async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes, end_
             match poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(Status::from_h2(&e)),
-                None => return Err(Status::unavailable("the server closed the stream while the request was being sent")),
+                None => {
+                    return Err(Status::unavailable(
+                        "the server closed the stream while the request was being sent",
+                    ))
+                }
             }
         }
         let chunk = data.split_to(send.capacity().min(data.len()));
@@ -436,7 +462,11 @@ pub struct Streaming<R> {
 }
 
 impl<R: Message + Default> Streaming<R> {
-    fn new(response: ResponseFuture, max_message_size: usize, deadline: Option<Instant>) -> Streaming<R> {
+    fn new(
+        response: ResponseFuture,
+        max_message_size: usize,
+        deadline: Option<Instant>,
+    ) -> Streaming<R> {
         Streaming {
             state: State::AwaitingHeaders(response),
             decoder: Decoder::new(max_message_size),
@@ -479,14 +509,26 @@ impl<R: Message + Default> Streaming<R> {
                         Some(Err(e)) => return Err(Status::from_h2(&e)),
                         None => {
                             if self.decoder.has_partial() {
-                                return Err(Status::internal("the response ended in the middle of a message"));
+                                return Err(Status::internal(
+                                    "the response ended in the middle of a message",
+                                ));
                             }
-                            let trailers = body.trailers().await.map_err(|e| Status::from_h2(&e))?;
+                            let trailers =
+                                body.trailers().await.map_err(|e| Status::from_h2(&e))?;
                             self.state = State::Done;
-                            let status = trailers.as_ref().and_then(Status::from_headers).unwrap_or_else(|| {
-                                Status::internal("the response ended without a grpc-status trailer")
-                            });
-                            return if status.is_ok() { Ok(None) } else { Err(status) };
+                            let status = trailers
+                                .as_ref()
+                                .and_then(Status::from_headers)
+                                .unwrap_or_else(|| {
+                                    Status::internal(
+                                        "the response ended without a grpc-status trailer",
+                                    )
+                                });
+                            return if status.is_ok() {
+                                Ok(None)
+                            } else {
+                                Err(status)
+                            };
                         }
                     }
                 }
@@ -499,12 +541,20 @@ impl<R: Message + Default> Streaming<R> {
     fn on_headers(response: http::Response<RecvStream>) -> Result<State, Status> {
         let (head, body) = response.into_parts();
         if let Some(status) = Status::from_headers(&head.headers) {
-            return if status.is_ok() { Ok(State::Done) } else { Err(status) };
+            return if status.is_ok() {
+                Ok(State::Done)
+            } else {
+                Err(status)
+            };
         }
         if head.status != http::StatusCode::OK {
             return Err(Status::from_http_status(head.status));
         }
-        let content_type = head.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let content_type = head
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !content_type.starts_with("application/grpc") {
             return Err(Status::new(
                 Code::Unknown,

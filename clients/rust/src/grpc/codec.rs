@@ -140,7 +140,12 @@ mod tests {
                     out.push(decode(p).unwrap());
                 }
             }
-            assert_eq!(out, vec![a.clone(), empty.clone(), b.clone()], "chunk {}", chunk_size);
+            assert_eq!(
+                out,
+                vec![a.clone(), empty.clone(), b.clone()],
+                "chunk {}",
+                chunk_size
+            );
             assert!(!d.has_partial());
         }
     }
@@ -159,13 +164,19 @@ mod tests {
         let wire = encode(&request(100), usize::MAX).unwrap();
         let mut d = Decoder::new(10);
         d.push(&wire);
-        assert_eq!(d.next_message().unwrap_err().code(), Code::ResourceExhausted);
+        assert_eq!(
+            d.next_message().unwrap_err().code(),
+            Code::ResourceExhausted
+        );
 
         let mut d = Decoder::new(usize::MAX);
         d.push(&[1, 0, 0, 0, 0]);
         assert_eq!(d.next_message().unwrap_err().code(), Code::Internal);
 
-        assert_eq!(encode(&request(100), 10).unwrap_err().code(), Code::ResourceExhausted);
+        assert_eq!(
+            encode(&request(100), 10).unwrap_err().code(),
+            Code::ResourceExhausted
+        );
     }
 
     #[test]

@@ -128,7 +128,10 @@ impl Status {
     }
 
     pub(crate) fn deadline_exceeded() -> Status {
-        Status::new(Code::DeadlineExceeded, "deadline exceeded before the call completed")
+        Status::new(
+            Code::DeadlineExceeded,
+            "deadline exceeded before the call completed",
+        )
     }
 
     /// The status in `grpc-status` / `grpc-message`, if `headers` carries one
@@ -147,7 +150,11 @@ impl Status {
         // grpc-message is percent-encoded UTF-8; a bad sequence must not lose the status.
         let message = headers
             .get("grpc-message")
-            .map(|v| percent_decode(v.as_bytes()).decode_utf8_lossy().into_owned())
+            .map(|v| {
+                percent_decode(v.as_bytes())
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
             .unwrap_or_default();
         Some(Status::new(code, message))
     }
@@ -244,9 +251,21 @@ mod tests {
     #[test]
     fn http_status_mapping_follows_the_spec() {
         use http::StatusCode;
-        assert_eq!(Status::from_http_status(StatusCode::NOT_FOUND).code(), Code::Unimplemented);
-        assert_eq!(Status::from_http_status(StatusCode::SERVICE_UNAVAILABLE).code(), Code::Unavailable);
-        assert_eq!(Status::from_http_status(StatusCode::UNAUTHORIZED).code(), Code::Unauthenticated);
-        assert_eq!(Status::from_http_status(StatusCode::IM_A_TEAPOT).code(), Code::Unknown);
+        assert_eq!(
+            Status::from_http_status(StatusCode::NOT_FOUND).code(),
+            Code::Unimplemented
+        );
+        assert_eq!(
+            Status::from_http_status(StatusCode::SERVICE_UNAVAILABLE).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            Status::from_http_status(StatusCode::UNAUTHORIZED).code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            Status::from_http_status(StatusCode::IM_A_TEAPOT).code(),
+            Code::Unknown
+        );
     }
 }

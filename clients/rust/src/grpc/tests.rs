@@ -78,7 +78,10 @@ fn grpc_headers() -> Response<()> {
 
 fn status_trailers(code: u32, message: &str) -> HeaderMap {
     let mut t = HeaderMap::new();
-    t.insert("grpc-status", HeaderValue::from_str(&code.to_string()).unwrap());
+    t.insert(
+        "grpc-status",
+        HeaderValue::from_str(&code.to_string()).unwrap(),
+    );
     if !message.is_empty() {
         t.insert("grpc-message", HeaderValue::from_str(message).unwrap());
     }
@@ -111,7 +114,10 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         ECHO => {
             let mut send = respond.send_response(grpc_headers(), false).unwrap();
             while let Some(m) = read_message(&mut body, &mut decoder).await {
-                if send_all(&mut send, codec::encode(&m, usize::MAX).unwrap(), false).await.is_err() {
+                if send_all(&mut send, codec::encode(&m, usize::MAX).unwrap(), false)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -127,54 +133,77 @@ async fn handle(req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
                     header("te"),
                     header("grpc-timeout"),
                     header("user-agent"),
-                    head.uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+                    head.uri
+                        .authority()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
                 ],
                 options: None,
             };
             let mut send = respond.send_response(grpc_headers(), false).unwrap();
-            send_all(&mut send, codec::encode(&seen, usize::MAX).unwrap(), false).await.unwrap();
+            send_all(&mut send, codec::encode(&seen, usize::MAX).unwrap(), false)
+                .await
+                .unwrap();
             send.send_trailers(status_trailers(0, "")).unwrap();
         }
         // Trailers-only error, before reading any of the request.
         "/t.S/TrailersOnly" => {
             let mut response = grpc_headers();
-            response.headers_mut().extend(status_trailers(5, "model %22nope%22 not found"));
+            response
+                .headers_mut()
+                .extend(status_trailers(5, "model %22nope%22 not found"));
             respond.send_response(response, true).unwrap();
         }
         // One echoed message, then an error status in the trailers.
         "/t.S/FailAfterOne" => {
             let m = read_message(&mut body, &mut decoder).await.unwrap();
             let mut send = respond.send_response(grpc_headers(), false).unwrap();
-            send_all(&mut send, codec::encode(&m, usize::MAX).unwrap(), false).await.unwrap();
-            send.send_trailers(status_trailers(3, "text 2 is empty: send non-empty texts")).unwrap();
+            send_all(&mut send, codec::encode(&m, usize::MAX).unwrap(), false)
+                .await
+                .unwrap();
+            send.send_trailers(status_trailers(3, "text 2 is empty: send non-empty texts"))
+                .unwrap();
         }
         "/t.S/Sleep" => {
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
         "/t.S/Http503" => {
-            let response = Response::builder().status(StatusCode::SERVICE_UNAVAILABLE).body(()).unwrap();
+            let response = Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .body(())
+                .unwrap();
             respond.send_response(response, true).unwrap();
         }
         "/t.S/NoTrailers" => {
             read_message(&mut body, &mut decoder).await;
             let mut send = respond.send_response(grpc_headers(), false).unwrap();
-            send_all(&mut send, codec::encode(&EmbedRequest::default(), usize::MAX).unwrap(), true)
-                .await
-                .unwrap();
+            send_all(
+                &mut send,
+                codec::encode(&EmbedRequest::default(), usize::MAX).unwrap(),
+                true,
+            )
+            .await
+            .unwrap();
         }
         "/t.S/TwoMessages" => {
             read_message(&mut body, &mut decoder).await;
             let mut send = respond.send_response(grpc_headers(), false).unwrap();
             for _ in 0..2 {
-                send_all(&mut send, codec::encode(&EmbedRequest::default(), usize::MAX).unwrap(), false)
-                    .await
-                    .unwrap();
+                send_all(
+                    &mut send,
+                    codec::encode(&EmbedRequest::default(), usize::MAX).unwrap(),
+                    false,
+                )
+                .await
+                .unwrap();
             }
             send.send_trailers(status_trailers(0, "")).unwrap();
         }
         _ => {
             let mut response = grpc_headers();
-            response.headers_mut().extend(status_trailers(12, "unknown method"));
+            response
+                .headers_mut()
+                .extend(status_trailers(12, "unknown method"));
             respond.send_response(response, true).unwrap();
         }
     }
@@ -197,7 +226,9 @@ fn small_window() -> ChannelOptions {
 fn texts(n: usize, len: usize) -> EmbedRequest {
     EmbedRequest {
         model: "m".into(),
-        texts: (0..n).map(|i| format!("{:0width$}", i, width = len)).collect(),
+        texts: (0..n)
+            .map(|i| format!("{:0width$}", i, width = len))
+            .collect(),
         options: None,
     }
 }
@@ -206,7 +237,9 @@ fn texts(n: usize, len: usize) -> EmbedRequest {
 async fn unary_round_trip_sends_grpc_headers() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
-    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default()).await.unwrap();
+    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default())
+        .await
+        .unwrap();
 
     let echoed: EmbedRequest = ch.unary(ECHO, &texts(3, 10), None).await.unwrap();
     assert_eq!(echoed, texts(3, 10));
@@ -229,10 +262,15 @@ async fn messages_larger_than_both_windows_pass_both_ways() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
     for options in [small_window(), ChannelOptions::default()] {
-        let ch = Channel::connect(Target::Unix(path.clone()), options).await.unwrap();
+        let ch = Channel::connect(Target::Unix(path.clone()), options)
+            .await
+            .unwrap();
         // ~1 MiB: 16 times the server's receive window and the client's.
         let big = texts(256, 4096);
-        let echoed: EmbedRequest = ch.unary(ECHO, &big, Some(Duration::from_secs(20))).await.unwrap();
+        let echoed: EmbedRequest = ch
+            .unary(ECHO, &big, Some(Duration::from_secs(20)))
+            .await
+            .unwrap();
         assert_eq!(echoed, big);
         // Several big calls at once share the connection window.
         let calls = (0..4).map(|_| ch.unary::<_, EmbedRequest>(ECHO, &big, None));
@@ -247,14 +285,22 @@ async fn messages_larger_than_both_windows_pass_both_ways() {
 async fn trailers_only_error_surfaces_code_and_decoded_message() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
-    let ch = Channel::connect(Target::Unix(path.clone()), small_window()).await.unwrap();
+    let ch = Channel::connect(Target::Unix(path.clone()), small_window())
+        .await
+        .unwrap();
     // Small request, and one far over the window the server never reads.
     for req in [texts(1, 1), texts(64, 4096)] {
-        let err = ch.unary::<_, EmbedRequest>("/t.S/TrailersOnly", &req, None).await.unwrap_err();
+        let err = ch
+            .unary::<_, EmbedRequest>("/t.S/TrailersOnly", &req, None)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
         assert_eq!(err.message(), "model \"nope\" not found");
     }
-    let err = ch.unary::<_, EmbedRequest>("/t.S/Missing", &texts(1, 1), None).await.unwrap_err();
+    let err = ch
+        .unary::<_, EmbedRequest>("/t.S/Missing", &texts(1, 1), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     server.stop().await;
 }
@@ -263,10 +309,17 @@ async fn trailers_only_error_surfaces_code_and_decoded_message() {
 async fn malformed_responses_are_errors() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
-    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default()).await.unwrap();
+    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default())
+        .await
+        .unwrap();
     let code = |path: &'static str| {
         let ch = ch.clone();
-        async move { ch.unary::<_, EmbedRequest>(path, &texts(1, 1), None).await.unwrap_err().code() }
+        async move {
+            ch.unary::<_, EmbedRequest>(path, &texts(1, 1), None)
+                .await
+                .unwrap_err()
+                .code()
+        }
     };
     assert_eq!(code("/t.S/Http503").await, Code::Unavailable);
     assert_eq!(code("/t.S/NoTrailers").await, Code::Internal);
@@ -278,14 +331,20 @@ async fn malformed_responses_are_errors() {
 async fn deadline_expires_locally_and_the_channel_stays_usable() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
-    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default()).await.unwrap();
+    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default())
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let err = ch
         .unary::<_, EmbedRequest>("/t.S/Sleep", &texts(1, 1), Some(Duration::from_millis(50)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded);
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     let ok: EmbedRequest = ch.unary(ECHO, &texts(1, 1), None).await.unwrap();
     assert_eq!(ok, texts(1, 1));
     server.stop().await;
@@ -295,8 +354,13 @@ async fn deadline_expires_locally_and_the_channel_stays_usable() {
 async fn bidi_stream_receives_while_sending() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
-    let ch = Channel::connect(Target::Unix(path.clone()), small_window()).await.unwrap();
-    let (mut sink, mut responses) = ch.streaming::<EmbedRequest, EmbedRequest>(ECHO, None).await.unwrap();
+    let ch = Channel::connect(Target::Unix(path.clone()), small_window())
+        .await
+        .unwrap();
+    let (mut sink, mut responses) = ch
+        .streaming::<EmbedRequest, EmbedRequest>(ECHO, None)
+        .await
+        .unwrap();
     // Lock-step: each reply arrives before the next request is sent, which
     // only works if the response is readable while the request is open.
     for i in 0..100 {
@@ -312,7 +376,10 @@ async fn bidi_stream_receives_while_sending() {
         sink.finish().unwrap();
     });
     for i in 0..2000 {
-        assert_eq!(responses.message().await.unwrap(), Some(texts(1, 1024 + i % 7)));
+        assert_eq!(
+            responses.message().await.unwrap(),
+            Some(texts(1, 1024 + i % 7))
+        );
     }
     assert_eq!(responses.message().await.unwrap(), None);
     assert_eq!(responses.message().await.unwrap(), None);
@@ -324,7 +391,9 @@ async fn bidi_stream_receives_while_sending() {
 async fn stream_error_status_after_messages() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
-    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default()).await.unwrap();
+    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default())
+        .await
+        .unwrap();
     let (mut sink, mut responses) = ch
         .streaming::<EmbedRequest, EmbedRequest>("/t.S/FailAfterOne", None)
         .await
@@ -343,11 +412,16 @@ async fn stream_error_status_after_messages() {
 async fn redials_after_the_server_restarts() {
     let (_dir, path) = socket();
     let server = TestServer::start(&path);
-    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default()).await.unwrap();
+    let ch = Channel::connect(Target::Unix(path.clone()), ChannelOptions::default())
+        .await
+        .unwrap();
     let _: EmbedRequest = ch.unary(ECHO, &texts(1, 1), None).await.unwrap();
     server.stop().await;
 
-    let down = ch.unary::<_, EmbedRequest>(ECHO, &texts(1, 1), None).await.unwrap_err();
+    let down = ch
+        .unary::<_, EmbedRequest>(ECHO, &texts(1, 1), None)
+        .await
+        .unwrap_err();
     assert_eq!(down.code(), Code::Unavailable, "{}", down);
 
     let server = TestServer::start(&path);
@@ -359,21 +433,50 @@ async fn redials_after_the_server_restarts() {
 #[tokio::test]
 async fn connect_to_nothing_is_unavailable() {
     let (_dir, path) = socket();
-    let err = Channel::connect(Target::Unix(path), ChannelOptions::default()).await.err().unwrap();
+    let err = Channel::connect(Target::Unix(path), ChannelOptions::default())
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("t.sock"), "{}", err);
 }
 
 #[test]
 fn parses_targets() {
-    assert_eq!(Target::parse("unix:/run/a.sock").unwrap(), Target::Unix("/run/a.sock".into()));
-    assert_eq!(Target::parse("unix:///run/a.sock").unwrap(), Target::Unix("/run/a.sock".into()));
-    assert_eq!(Target::parse("/tmp/x.sock").unwrap(), Target::Unix("/tmp/x.sock".into()));
-    assert_eq!(Target::parse("./x.sock").unwrap(), Target::Unix("./x.sock".into()));
-    assert_eq!(Target::parse("127.0.0.1:50051").unwrap(), Target::Tcp("127.0.0.1:50051".into()));
-    assert_eq!(Target::parse("http://localhost:8080/").unwrap(), Target::Tcp("localhost:8080".into()));
-    assert_eq!(Target::parse("[::1]:50051").unwrap(), Target::Tcp("[::1]:50051".into()));
+    assert_eq!(
+        Target::parse("unix:/run/a.sock").unwrap(),
+        Target::Unix("/run/a.sock".into())
+    );
+    assert_eq!(
+        Target::parse("unix:///run/a.sock").unwrap(),
+        Target::Unix("/run/a.sock".into())
+    );
+    assert_eq!(
+        Target::parse("/tmp/x.sock").unwrap(),
+        Target::Unix("/tmp/x.sock".into())
+    );
+    assert_eq!(
+        Target::parse("./x.sock").unwrap(),
+        Target::Unix("./x.sock".into())
+    );
+    assert_eq!(
+        Target::parse("127.0.0.1:50051").unwrap(),
+        Target::Tcp("127.0.0.1:50051".into())
+    );
+    assert_eq!(
+        Target::parse("http://localhost:8080/").unwrap(),
+        Target::Tcp("localhost:8080".into())
+    );
+    assert_eq!(
+        Target::parse("[::1]:50051").unwrap(),
+        Target::Tcp("[::1]:50051".into())
+    );
     for bad in ["", "unix:", "localhost", "host:notaport", ":50051"] {
-        assert_eq!(Target::parse(bad).unwrap_err().code(), Code::InvalidArgument, "{:?}", bad);
+        assert_eq!(
+            Target::parse(bad).unwrap_err().code(),
+            Code::InvalidArgument,
+            "{:?}",
+            bad
+        );
     }
 }

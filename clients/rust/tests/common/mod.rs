@@ -48,7 +48,11 @@ pub fn python_command() -> Command {
     let mut cmd = Command::new(python());
     cmd.env(
         "PYTHONPATH",
-        format!("{}:{}", root.join("server").display(), root.join("clients/python").display()),
+        format!(
+            "{}:{}",
+            root.join("server").display(),
+            root.join("clients/python").display()
+        ),
     );
     // MLX's CPU matmuls are ~50x faster with OpenBLAS; it must be loaded at start.
     if std::env::var_os("LD_PRELOAD").is_none() && Path::new(OPENBLAS).exists() {
@@ -66,7 +70,10 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
-        let dir = tempfile::Builder::new().prefix("akidb-embed-rs").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("akidb-embed-rs")
+            .tempdir()
+            .unwrap();
         let socket = dir.path().join("embed.sock");
         let log = dir.path().join("server.log");
         let mut server = Server {
@@ -80,7 +87,11 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let log = File::options().create(true).append(true).open(&self.log).unwrap();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut child = python_command()
             .args(["-c", BOOTSTRAP, "serve", "--socket"])
             .arg(&self.socket)
@@ -159,7 +170,11 @@ pub async fn shared_client_with(options: ChannelOptions) -> Client {
     };
     let client = Client::lazy(&target, options).unwrap();
     if let Err(e) = client.wait_until_serving(Duration::from_secs(180)).await {
-        let log = SHARED.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.log_tail());
+        let log = SHARED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.log_tail());
         panic!("{}\nserver log:\n{}", e, log.unwrap_or_default());
     }
     client
@@ -199,9 +214,18 @@ pub fn python_embed(target: &str, texts: &[&str]) -> PythonEmbeddings {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(texts.join("\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(texts.join("\n").as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines();
     let model = lines.next().unwrap().to_string();
@@ -223,12 +247,18 @@ pub fn python_embed(target: &str, texts: &[&str]) -> PythonEmbeddings {
 }
 
 pub fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()
+    v.iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
