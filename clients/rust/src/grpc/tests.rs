@@ -9,7 +9,8 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use tokio::net::UnixListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use super::channel::send_all;
@@ -27,7 +28,17 @@ struct TestServer {
 impl TestServer {
     fn start(path: &Path) -> TestServer {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).unwrap();
+        TestServer::serve(Listener::Unix(UnixListener::bind(path).unwrap()))
+    }
+
+    /// On 127.0.0.1, a free port; returns `host:port` too.
+    async fn start_tcp() -> (TestServer, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        (TestServer::serve(Listener::Tcp(listener)), address)
+    }
+
+    fn serve(listener: Listener) -> TestServer {
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, rx));
         TestServer { shutdown, task }
@@ -40,12 +51,29 @@ impl TestServer {
     }
 }
 
-async fn accept_loop(listener: UnixListener, mut shutdown: watch::Receiver<bool>) {
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Box<dyn Io>> {
+        Ok(match self {
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            Listener::Tcp(l) => Box::new(l.accept().await?.0),
+        })
+    }
+}
+
+async fn accept_loop(listener: Listener, mut shutdown: watch::Receiver<bool>) {
     let mut connections = Vec::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (io, _) = accepted.unwrap();
+                let io = accepted.unwrap();
                 let mut rx = shutdown.clone();
                 connections.push(tokio::spawn(async move {
                     let mut conn = h2::server::handshake(io).await.unwrap();
@@ -427,6 +455,20 @@ async fn redials_after_the_server_restarts() {
     let server = TestServer::start(&path);
     let back: EmbedRequest = ch.unary(ECHO, &texts(2, 2), None).await.unwrap();
     assert_eq!(back, texts(2, 2));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn works_over_tcp_with_the_address_as_authority() {
+    let (server, address) = TestServer::start_tcp().await;
+    let ch = Channel::connect(Target::parse(&address).unwrap(), small_window())
+        .await
+        .unwrap();
+    let seen: EmbedRequest = ch.unary("/t.S/Headers", &texts(1, 1), None).await.unwrap();
+    assert_eq!(seen.texts[4], address);
+    let big = texts(64, 4096);
+    let echoed: EmbedRequest = ch.unary(ECHO, &big, None).await.unwrap();
+    assert_eq!(echoed, big);
     server.stop().await;
 }
 
