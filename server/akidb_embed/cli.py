@@ -1,4 +1,4 @@
-"""`akidb-embed`: serve, embed, models, health."""
+"""`akidb-embed`: serve, embed, models, health, pull, rm."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 
 import grpc
 
+from .model_cache import human_size
 from .registry import DEFAULT_MODEL
 from .residency import ModelBudget
 from .server import ServerConfig, run_server
 from .service import Limits
+from .store_cli import add_pull_parser, add_rm_parser, run_models, run_pull, run_rm
 from .unix_socket import SocketInUse, default_socket_path
 
 
@@ -49,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models",
         metavar="NAME_OR_DIR",
         help=f"preload this model (repeatable; the first is the default; default {DEFAULT_MODEL})",
+    )
+    serve.add_argument(
+        "--allow-downloads",
+        action="store_true",
+        help="pull a known model from the Hub on its first request (default: "
+        "FAILED_PRECONDITION with the pull command)",
     )
     serve.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     serve.add_argument("--socket-mode", default="600", help="socket permissions, octal (600)")
@@ -85,8 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--no-normalize", action="store_true")
     _add_target(embed)
 
-    models = sub.add_parser("models", help="list the models a running server knows")
+    models = sub.add_parser(
+        "models",
+        help="list models: a running server's, else the registry and the cache",
+        description="Ask the running server for its models (state, revision, size); with no "
+        "server, or with --offline, list the registry names and the local cache instead.",
+    )
+    models.add_argument(
+        "--offline", action="store_true", help="list the registry and cache; ask no server"
+    )
+    models.add_argument("--json", action="store_true", help="JSON (with --offline or no server)")
     _add_target(models)
+
+    add_pull_parser(sub)
+    add_rm_parser(sub)
 
     health = sub.add_parser("health", help="exit 0 only if the server is SERVING (exec probe)")
     health.add_argument("--service", default="", help="a model name, or '' for the server")
@@ -142,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_chars_per_text=args.max_chars_per_text,
             max_queued_tokens=args.max_queued_tokens,
         ),
+        allow_downloads=args.allow_downloads,
         budget=ModelBudget(
             max_models=args.max_loaded_models,
             max_bytes=args.max_loaded_mb * 1024 * 1024,
@@ -190,17 +211,33 @@ def cmd_models(args: argparse.Namespace) -> int:
     from akidb.embedding.v1 import embedding_service_pb2 as pb
     from akidb_embed_client import EmbedClient, EmbedClientError
 
+    if args.offline:
+        return run_models(args)
     target = _target(args)
     with EmbedClient(target, timeout=args.timeout) as client:
         try:
             models = client.list_models()
         except EmbedClientError as error:
-            return fail(explain(error, target))
-    rows = [("NAME", "STATE", "DIM", "MAX TOKENS", "SOURCE")]
+            if error.code != grpc.StatusCode.UNAVAILABLE:
+                return fail(explain(error, target))
+            print(f"no akidb-embed server answers at {target}; listing the cache", file=sys.stderr)
+            return run_models(args)
+    rows = [("NAME", "STATE", "DIM", "MAX TOKENS", "REVISION", "SIZE", "SOURCE")]
     for m in models:
         state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
         name = m.name + (" (default)" if m.is_default else "")
-        rows.append((name, state, str(m.dimensions or "-"), str(m.max_tokens or "-"), m.source))
+        size = human_size(m.size_on_disk_bytes) if m.size_on_disk_bytes else "-"
+        rows.append(
+            (
+                name,
+                state,
+                str(m.dimensions or "-"),
+                str(m.max_tokens or "-"),
+                m.revision[:12] or "-",
+                size,
+                m.source,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -223,7 +260,14 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-COMMANDS = {"serve": cmd_serve, "embed": cmd_embed, "models": cmd_models, "health": cmd_health}
+COMMANDS = {
+    "serve": cmd_serve,
+    "embed": cmd_embed,
+    "models": cmd_models,
+    "health": cmd_health,
+    "pull": run_pull,
+    "rm": run_rm,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,7 @@ class ServerConfig:
     stream_window: int = 256
     limits: Limits = field(default_factory=Limits)
     budget: ModelBudget = field(default_factory=ModelBudget)
+    allow_downloads: bool = False
 
 
 @contextlib.contextmanager
@@ -68,7 +69,13 @@ class EmbeddingServer:
         for directory in config.local_model_dirs:
             self.registry.add_local(directory)
         self.worker = ComputeWorker(config.max_batch_tokens, config.max_batch_size)
-        self.service = EmbeddingService(self.registry, self.worker, config.limits, config.budget)
+        self.service = EmbeddingService(
+            self.registry,
+            self.worker,
+            config.limits,
+            config.budget,
+            allow_downloads=config.allow_downloads,
+        )
         self.health = health.aio.HealthServicer()
         self.service.on_model_change = self._model_changed
         self.server = grpc.aio.server(

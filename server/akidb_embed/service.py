@@ -23,7 +23,6 @@ from .errors import (
     EmbedError,
     InvalidArgument,
     ModelLoadError,
-    ModelNotAvailable,
     Overloaded,
     Unavailable,
 )
@@ -87,11 +86,15 @@ class EmbeddingService:
         worker: ComputeWorker,
         limits: Limits | None = None,
         budget: ModelBudget | None = None,
+        allow_downloads: bool = False,
     ) -> None:
         self.registry = registry
         self.worker = worker
         self.limits = limits or Limits()
         self.residents = ResidentModels(budget or ModelBudget())
+        # Pull a known model that is not cached on first request, instead of
+        # FAILED_PRECONDITION with the pull command.
+        self.allow_downloads = allow_downloads
         # Told when a model starts (True) or stops (False) serving: the server's health.
         self.on_model_change: Callable[[str, bool], Awaitable[None]] | None = None
         self.started_at = time.monotonic()
@@ -158,12 +161,13 @@ class EmbeddingService:
             await self.unload(name)
 
     async def _load(self, entry: ModelEntry) -> EmbeddingEngine:
-        located = self.registry.locate(entry)
-        if located is None:
-            raise ModelNotAvailable(
-                f"model {entry.name!r} ({entry.source}) is not downloaded; "
-                f"run `akidb-embed pull {entry.name}` on the server's host, then retry"
-            )
+        # A pull can take minutes: its own thread, never the compute thread.
+        located = await asyncio.to_thread(
+            self.registry.ensure,
+            entry,
+            allow_download=self.allow_downloads,
+            notify=lambda message: log.info("%s: %s", entry.name, message),
+        )
         await self._make_room(entry, located.size_bytes)
         started = time.monotonic()
         log.info("loading model %s from %s", entry.name, located.directory)
