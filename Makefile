@@ -78,9 +78,10 @@ typecheck: $(SETUP_STAMP)
 run: $(SETUP_STAMP)
 	$(VENV)/bin/akidb-embed serve $(ARGS)
 
-# Set everything up, then run the whole test suite.
+# Set everything up, then run the whole test suite: Python, then the Rust and Node clients.
 test: $(REFERENCE_STAMP) proto-check lint typecheck
 	$(WITH_BLAS) $(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-clients
 
 test-fast: $(SETUP_STAMP)
 	$(WITH_BLAS) $(PY) -m pytest -q -m "not slow and not reference" $(PYTEST_ARGS)
