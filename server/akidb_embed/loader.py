@@ -99,13 +99,11 @@ def read_pipeline(model_dir: Path, arch: ModuleType) -> Pipeline:
 
 
 def read_prompts(model_dir: Path, arch: ModuleType) -> dict[str, str]:
-    """The checkpoint's prompts over the architecture's defaults."""
-    prompts = {str(k): str(v) for k, v in getattr(arch, "DEFAULT_PROMPTS", {}).items()}
+    """The checkpoint's prompts; the architecture's defaults if it ships none."""
     path = model_dir / "config_sentence_transformers.json"
-    if path.exists():
-        own = read_json(path).get("prompts") or {}
-        prompts.update({str(k): str(v) for k, v in own.items()})
-    return prompts
+    own = (read_json(path).get("prompts") or {}) if path.exists() else {}
+    prompts = own or getattr(arch, "DEFAULT_PROMPTS", {})
+    return {str(k): str(v) for k, v in prompts.items()}
 
 
 def load_safetensors(directory: Path) -> dict[str, mx.array]:

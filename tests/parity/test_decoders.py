@@ -21,7 +21,7 @@ import pytest
 from akidb_embed.engine import EmbeddingEngine, EmbedOptions, PromptKind, finish
 from akidb_embed.errors import InvalidArgument, ModelLoadError
 from akidb_embed.loader import load_engine
-from akidb_embed.models import qwen3
+from akidb_embed.models import gemma3_text, qwen3
 from akidb_embed.precision import Choice, PrecisionPolicy
 from akidb_embed.tokenization import TextTokenizer, Truncation
 from tokenizers import Tokenizer
@@ -342,3 +342,16 @@ def test_quantized_weights_stay_quantized_when_asked(dirs: Dirs) -> None:
     dequantized = engine_for(dirs.qwen3_q4)
     assert kept.memory_bytes < dequantized.memory_bytes
     np.testing.assert_allclose(served(kept, TEXTS), served(dequantized, TEXTS), atol=1e-5)
+
+
+def test_gemma_defaults_without_sentence_transformers_files(dirs: Dirs, tmp_path: Path) -> None:
+    """A converted copy with only config, weights (Dense folded in) and tokenizer serves the
+    same vectors: mean pooling, the folded Dense layers, normalisation, EmbeddingGemma prompts."""
+    bare = tmp_path / "gemma-bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(dirs.gemma_q4 / name, bare / name)
+    engine = engine_for(bare)
+    assert engine.profile.prompts == gemma3_text.DEFAULT_PROMPTS
+    assert engine.profile.dimensions == 768 and len(engine.heads) == 2
+    np.testing.assert_array_equal(served(engine, TEXTS), served(engine_for(dirs.gemma_q4), TEXTS))

@@ -6,7 +6,8 @@ and returns the last hidden states (B, L, H); padding never changes a real token
 
 Optional module-level facts the loader reads (a checkpoint's own files override them):
 - `DEFAULT_POOLING`, `DEFAULT_NORMALIZE`: the pipeline when there is no modules.json.
-- `DEFAULT_PROMPTS`: named prompts used when config_sentence_transformers.json lacks them.
+- `DEFAULT_PROMPTS`: named prompts for checkpoints that ship none (no prompts in
+  config_sentence_transformers.json, e.g. some converted copies).
 - `INSTRUCTION_TEMPLATE`: e.g. "Instruct: {instruction}\nQuery:".
 - `MATRYOSHKA_DIMENSIONS` (sizes below native), `MIN_DIMENSIONS` (any size from it up).
 - `prepare_tokenizer(tokenizer)`: fix a `tokenizers.Tokenizer` in place before use.

@@ -22,6 +22,27 @@ _gemma3 = mlx_lm_model("gemma3_text")
 
 DEFAULT_POOLING = Pooling.MEAN
 DEFAULT_NORMALIZE = True
+# EmbeddingGemma's prompts (its config_sentence_transformers.json, and TASK_PROMPTS in
+# transformers' convert_gemma3_weights.py), for converted copies that dropped that file.
+_SEARCH_QUERY = "task: search result | query: "
+_DOCUMENT = "title: none | text: "
+_SIMILARITY = "task: sentence similarity | query: "
+DEFAULT_PROMPTS = {
+    "query": _SEARCH_QUERY,
+    "document": _DOCUMENT,
+    "BitextMining": _SEARCH_QUERY,
+    "Clustering": "task: clustering | query: ",
+    "Classification": "task: classification | query: ",
+    "InstructionRetrieval": "task: code retrieval | query: ",
+    "MultilabelClassification": "task: classification | query: ",
+    "PairClassification": _SIMILARITY,
+    "Reranking": _SEARCH_QUERY,
+    "Retrieval": _SEARCH_QUERY,
+    "Retrieval-query": _SEARCH_QUERY,
+    "Retrieval-document": _DOCUMENT,
+    "STS": _SIMILARITY,
+    "Summarization": "task: summarization | query: ",
+}
 # EmbeddingGemma's Matryoshka sizes below its native 768 (model card).
 MATRYOSHKA_DIMENSIONS = (512, 256, 128)
 CASTS_EMBEDDING_LOOKUPS = True
