@@ -64,7 +64,8 @@ def build(root: Path, layers: int) -> None:
         if quantize:
             nn.quantize(model, group_size=64, bits=4)
             config["quantization"] = {"group_size": 64, "bits": 4}
-        mx.save_safetensors(str(directory / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        weights = dict(tree_flatten(model.parameters()))
+        mx.save_safetensors(str(directory / "model.safetensors"), weights)
         (directory / "config.json").write_text(json.dumps(config))
         tokenizer.save(str(directory / "tokenizer.json"))
 
@@ -118,8 +119,10 @@ def main() -> None:
         root = Path(tmp)
         build(root, args.layers)
         print(f"Qwen3-0.6B shapes, {args.layers} layers, batch {args.batch}x{args.tokens} tokens")
-        print("| checkpoint | DEQUANTIZE | UPCAST | computes | load s | params MB | RSS MB "
-              "| batch ms | 16-token query ms |")
+        print(
+            "| checkpoint | DEQUANTIZE | UPCAST | computes | load s | params MB | RSS MB "
+            "| batch ms | 16-token query ms |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for checkpoint, dequantize, upcast in VARIANTS:
             env = os.environ | {"AKIDB_EMBED_DEQUANTIZE": dequantize, "AKIDB_EMBED_UPCAST": upcast}

@@ -53,6 +53,10 @@ class Unavailable(EmbedError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class DeadlineExceeded(EmbedError):
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
 class Cancelled(EmbedError):
     kind = ErrorKind.CANCELLED
 

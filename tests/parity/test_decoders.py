@@ -18,14 +18,14 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
+
 from akidb_embed.engine import EmbeddingEngine, EmbedOptions, PromptKind, finish
 from akidb_embed.errors import InvalidArgument, ModelLoadError
 from akidb_embed.loader import load_engine
 from akidb_embed.models import gemma3_text, qwen3
 from akidb_embed.precision import Choice, PrecisionPolicy
 from akidb_embed.tokenization import TextTokenizer, Truncation
-from tokenizers import Tokenizer
-
 from tests.fixtures import tiny_models as tiny
 
 COSINE_MIN = 0.9999
@@ -333,7 +333,7 @@ def test_precision_policy_from_environment() -> None:
         {"AKIDB_EMBED_DEQUANTIZE": "never", "AKIDB_EMBED_UPCAST": "Always"}
     )
     assert policy == PrecisionPolicy(Choice.NEVER, Choice.ALWAYS)
-    with pytest.raises(InvalidArgument, match=r"AKIDB_EMBED_DEQUANTIZE='fp8'.*auto, always, never"):
+    with pytest.raises(ModelLoadError, match=r"AKIDB_EMBED_DEQUANTIZE='fp8'.*auto, always, never"):
         PrecisionPolicy.from_env({"AKIDB_EMBED_DEQUANTIZE": "fp8"})
 
 
