@@ -106,6 +106,9 @@ def compare(case: str, ours: np.ndarray, reference: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def torch() -> Any:
+    """The reference stack; tests that take this fixture skip without it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentence_transformers")
     return pytest.importorskip("torch")
 
 
