@@ -4,8 +4,6 @@ is tests/parity/test_decoders.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
