@@ -78,9 +78,10 @@ typecheck: $(SETUP_STAMP)
 run: $(SETUP_STAMP)
 	$(VENV)/bin/akidb-embed serve $(ARGS)
 
-# Set everything up, then run the whole test suite.
+# Set everything up, then run the whole test suite: Python, then the Rust and Node clients.
 test: $(REFERENCE_STAMP) proto-check lint typecheck
 	$(WITH_BLAS) $(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-clients
 
 test-fast: $(SETUP_STAMP)
 	$(WITH_BLAS) $(PY) -m pytest -q -m "not slow and not reference" $(PYTEST_ARGS)
@@ -90,3 +91,22 @@ bench: $(REFERENCE_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# --- Clients -----------------------------------------------------------------
+# The Rust client (clients/rust) and the Node contract test (clients/node) start
+# the real server from this checkout with the venv's Python and test against it.
+CLIENT_PYTHON ?= $(abspath $(PY))
+
+.PHONY: test-rust test-node test-clients
+
+# Debian's packaged crates + protoc (no crates.io needed), then unit and server tests.
+test-rust: $(SETUP_STAMP)
+	@bash scripts/install-rust-deps.sh
+	cd clients/rust && AKIDB_EMBED_PYTHON=$(CLIENT_PYTHON) cargo test --offline $(CARGO_TEST_ARGS)
+
+# @grpc/grpc-js loading proto/ directly: every RPC and grpc.health.v1 over the socket.
+test-node: $(SETUP_STAMP)
+	@bash scripts/install-node-deps.sh
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error && AKIDB_EMBED_PYTHON=$(CLIENT_PYTHON) node --test
+
+test-clients: test-rust test-node
