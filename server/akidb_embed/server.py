@@ -148,7 +148,7 @@ class EmbeddingServer:
     def _bind(self) -> None:
         if self.config.socket_path is not None:
             path = self.config.socket_path
-            prepare_socket_path(path)
+            prepare_socket_path(path, self.config.socket_mode)
             with restrictive_umask(self.config.socket_mode):
                 self.server.add_insecure_port(f"unix:{path}")
             os.chmod(path, self.config.socket_mode)

@@ -36,12 +36,13 @@ def _is_live(path: Path) -> bool:
         probe.close()
 
 
-def prepare_socket_path(path: Path) -> None:
-    """Make the parent directory (0700 if we create it), refuse an unsafe one, and remove a
-    stale socket. Never deletes anything that is not a socket, nor a live server's socket."""
+def prepare_socket_path(path: Path, socket_mode: int = 0o600) -> None:
+    """Make the parent directory if missing (0700, or 0750 when the socket is shared with a
+    group), refuse an unsafe one, and remove a stale socket. Never deletes anything that is
+    not a socket, nor a live server's socket."""
     parent = path.parent
     if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
+        parent.mkdir(mode=0o750 if socket_mode & 0o070 else 0o700, parents=True)
     info = parent.stat()
     if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
         raise SocketInUse(

@@ -245,3 +245,21 @@ async def test_async_client(server: ServerThread) -> None:
         assert [r.id for r in got] == [f"x{i}" for i in range(20)]
         assert (await client.health()).status == pb.SERVING_STATUS_SERVING
         assert any(m.name == "all-minilm-l6-v2" for m in await client.list_models())
+
+
+def test_stream_client_bounds_items_in_flight(client: EmbedClient) -> None:
+    produced = 0
+
+    def items() -> object:
+        nonlocal produced
+        for i in range(40):
+            produced += 1
+            yield (str(i), f"bounded item {i}")
+
+    stream = client.embed_stream(items(), max_in_flight=4)  # type: ignore[arg-type]
+    first = next(stream)
+    assert first.id == "0"
+    # One answer received: at most 4 + 1 items can have been taken from the iterable.
+    assert produced <= 5
+    rest = list(stream)
+    assert [r.id for r in rest] == [str(i) for i in range(1, 40)]

@@ -19,6 +19,12 @@ def test_creates_private_parent_directory(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
+def test_group_shared_socket_gets_a_group_readable_directory(tmp_path: Path) -> None:
+    path = tmp_path / "shared" / "embed.sock"
+    prepare_socket_path(path, socket_mode=0o660)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
+
+
 def test_stale_socket_is_replaced(socket_dir: Path) -> None:
     path = socket_dir / "embed.sock"
     stale = socket.socket(socket.AF_UNIX)

@@ -5,7 +5,9 @@ Targets: a socket path (`/run/akidb/embed.sock`), `unix:PATH`, or `host:port`.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+
+# Items sent on a stream and not yet answered (the server itself works on 256 at a time).
+DEFAULT_MAX_IN_FLIGHT = 512
 
 Truncation = Literal["error", "end", "start"]
 _TRUNCATION = {
@@ -199,16 +204,35 @@ class EmbedClient:
         items: Iterable[str | tuple[str, str]],
         model: str = "",
         timeout: float | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         **options: Any,
     ) -> Iterator[StreamResult]:
-        """Items are texts (ids become their index) or (id, text) pairs; results in order."""
+        """Items are texts (ids become their index) or (id, text) pairs; results in order.
+
+        gRPC sends from `items` in its own thread while results come back; at most
+        `max_in_flight` items are sent and not yet answered, so a shutdown or an error
+        never leaves a huge backlog in the transport."""
         build = build_options(**options)
-        requests = (_stream_request(i, item, model, build) for i, item in enumerate(items))
+        slots = threading.Semaphore(max_in_flight)
+        finished = threading.Event()
+
+        def requests() -> Iterator[pb.EmbedStreamRequest]:
+            for index, item in enumerate(items):
+                while not slots.acquire(timeout=0.1):
+                    if finished.is_set():
+                        return
+                yield _stream_request(index, item, model, build)
+
+        call = self._stub.EmbedStream(requests(), timeout=timeout or self.timeout)
         try:
-            for response in self._stub.EmbedStream(requests, timeout=timeout or self.timeout):
+            for response in call:
+                slots.release()
                 yield StreamResult.from_proto(response)
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
+        finally:
+            finished.set()
+            call.cancel()
 
     def list_models(self) -> list[pb.ModelInfo]:
         try:
@@ -265,26 +289,35 @@ class AsyncEmbedClient:
         items: Iterable[str | tuple[str, str]] | AsyncIterable[str | tuple[str, str]],
         model: str = "",
         timeout: float | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         **options: Any,
     ) -> AsyncIterator[StreamResult]:
+        """As EmbedClient.embed_stream; `items` may be an async iterable."""
         build = build_options(**options)
+        slots = asyncio.Semaphore(max_in_flight)
 
         async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
+            index = 0
             if isinstance(items, AsyncIterable):
-                index = 0
                 async for item in items:
+                    await slots.acquire()
                     yield _stream_request(index, item, model, build)
                     index += 1
             else:
-                for index, item in enumerate(items):
+                for item in items:
+                    await slots.acquire()
                     yield _stream_request(index, item, model, build)
+                    index += 1
 
         call = self._stub.EmbedStream(requests(), timeout=timeout or self.timeout)
         try:
             async for response in call:
+                slots.release()
                 yield StreamResult.from_proto(response)
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     async def list_models(self) -> list[pb.ModelInfo]:
         try:
