@@ -55,25 +55,36 @@ class BatchStats:
     compute_seconds: float
 
 
+# A batch is closed before padding would exceed this multiple of its real tokens: a short
+# text costs more padded into a long batch than in a batch of its own.
+MAX_PADDING_RATIO = 1.5
+
+
 def plan_batches(
     lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int
 ) -> list[list[int]]:
-    """Split item indices into batches: longest first, each within the padded-token budget.
+    """Split item indices into batches: longest first, each within the padded-token budget
+    and wasting at most a third of its compute on padding.
 
     A single item longer than the budget still gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for index in order:
-        # Sorted descending: the first row of a batch is its longest.
-        width = lengths[current[0]] if current else lengths[index]
-        if current and (
-            (len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size
-        ):
-            batches.append(current)
-            current = []
+        if current:
+            # Sorted descending: the first row of a batch is its longest.
+            padded = (len(current) + 1) * lengths[current[0]]
+            if (
+                len(current) >= max_batch_size
+                or padded > max_batch_tokens
+                or padded > MAX_PADDING_RATIO * (real + lengths[index])
+            ):
+                batches.append(current)
+                current, real = [], 0
         current.append(index)
+        real += lengths[index]
     if current:
         batches.append(current)
     return batches

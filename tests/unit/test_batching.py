@@ -39,6 +39,16 @@ def test_plan_batches_respects_the_padded_token_budget() -> None:
     assert batches[0] == [1, 3]
 
 
+def test_short_texts_are_not_padded_into_a_long_batch() -> None:
+    lengths = [120, 8, 7, 9, 118, 6, 5, 8]
+    batches = plan_batches(lengths, max_batch_tokens=10_000, max_batch_size=64)
+    assert batches[0][:2] == [0, 4]
+    assert len(batches) == 2  # not one batch padded to 120, not one batch per text
+    for batch in batches:
+        real = sum(lengths[i] for i in batch)
+        assert len(batch) * max(lengths[i] for i in batch) <= 1.5 * real
+
+
 def test_an_item_longer_than_the_budget_gets_its_own_batch() -> None:
     assert plan_batches([500, 3], max_batch_tokens=100, max_batch_size=8) == [[0], [1]]
 
