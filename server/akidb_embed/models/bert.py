@@ -71,17 +71,23 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(args.hidden_size, args.hidden_size)
         self.value = nn.Linear(args.hidden_size, args.hidden_size)
 
-    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, bias: mx.array | None) -> mx.array:
         b, n, _ = x.shape
 
         def heads(t: mx.array) -> mx.array:
             return t.reshape(b, n, self.n_heads, -1).transpose(0, 2, 1, 3)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        # sdpa's CPU fallback masks with `where` and MLX's exp; an additive bias and the
-        # fused softmax are ~2x faster.
-        probs = fast_math.softmax(q @ k.swapaxes(-1, -2), bias, self.scale)
-        return (probs @ v).transpose(0, 2, 1, 3).reshape(b, n, -1)
+        # Scaling q also lays it out contiguously for the matmul.
+        q = heads(self.query(x)) * self.scale
+        k, v = heads(self.key(x)), heads(self.value(x))
+        scores = q @ k.swapaxes(-1, -2)
+        if bias is not None:
+            scores = scores + bias
+        # sdpa's CPU path masks with `where` and runs MLX's scalar exp; this is ~3x faster.
+        # Normalising after the value product divides (B, H, L, d), not (B, H, L, L).
+        e, sums = fast_math.softmax_parts(scores)
+        out = (e @ v) / sums
+        return out.transpose(0, 2, 1, 3).reshape(b, n, -1)
 
 
 class DenseNorm(nn.Module):
@@ -102,7 +108,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(args)
         self.output = DenseNorm(args.hidden_size, args.hidden_size, args.layer_norm_eps)
 
-    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, bias: mx.array | None) -> mx.array:
         return self.output(self.self(x, bias), x)
 
 
@@ -128,7 +134,7 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(args)
         self.output = DenseNorm(args.intermediate_size, args.hidden_size, args.layer_norm_eps)
 
-    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, bias: mx.array | None) -> mx.array:
         h = self.attention(x, bias)
         return self.output(self.intermediate(h), h)
 
@@ -151,10 +157,12 @@ class Model(nn.Module):
         return self.args.max_position_embeddings
 
     def encode(self, input_ids: mx.array, lengths: mx.array) -> mx.array:
-        # (B, 1, 1, L) additive: every query attends to the real keys of its row.
-        keep = padding_mask(lengths, input_ids.shape[1])[:, None, None, :]
         h = self.embeddings(input_ids)
-        bias = mx.where(keep, 0.0, -mx.inf).astype(h.dtype)
+        bias = None
+        if int(lengths.min().item()) < input_ids.shape[1]:
+            # (B, 1, 1, L) additive: every query attends to the real keys of its row.
+            keep = padding_mask(lengths, input_ids.shape[1])[:, None, None, :]
+            bias = mx.where(keep, 0.0, -mx.inf).astype(h.dtype)
         for layer in self.encoder.layer:
             h = layer(h, bias)
         return h
