@@ -21,6 +21,10 @@ else
 EXTRAS := $(MLX_BACKEND),dev
 endif
 
+# MLX's CPU backend resolves `libblas` at process start: preload Debian's OpenBLAS
+# (installed by `make setup`) for tests and benchmarks. Empty, and harmless, elsewhere.
+WITH_BLAS = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 2>/dev/null | head -n1)"
+
 SETUP_STAMP := $(VENV)/.setup-stamp
 REFERENCE_STAMP := $(VENV)/.reference-stamp
 PROTO_SRC := proto/akidb/embedding/v1/embedding_service.proto
@@ -52,6 +56,8 @@ $(REFERENCE_STAMP): $(SETUP_STAMP)
 
 proto: $(SETUP_STAMP)
 	$(PY) -m grpc_tools.protoc -I proto \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
 	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_SRC)
 	@for d in akidb akidb/embedding akidb/embedding/v1; do touch $(PROTO_OUT)/$$d/__init__.py; done
@@ -62,8 +68,8 @@ proto-check: proto
 	  (echo "generated stubs are out of date: run 'make proto' and commit" >&2; exit 1)
 
 lint: $(SETUP_STAMP)
-	$(VENV)/bin/ruff check server clients/python tests bench
-	$(VENV)/bin/ruff format --check server clients/python tests bench
+	$(VENV)/bin/ruff check server clients/python tests $(wildcard bench)
+	$(VENV)/bin/ruff format --check server clients/python tests $(wildcard bench)
 
 typecheck: $(SETUP_STAMP)
 	$(VENV)/bin/mypy
@@ -72,15 +78,35 @@ typecheck: $(SETUP_STAMP)
 run: $(SETUP_STAMP)
 	$(VENV)/bin/akidb-embed serve $(ARGS)
 
-# Set everything up, then run the whole test suite.
+# Set everything up, then run the whole test suite: Python, then the Rust and Node clients.
 test: $(REFERENCE_STAMP) proto-check lint typecheck
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(WITH_BLAS) $(PY) -m pytest -q $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-clients
 
 test-fast: $(SETUP_STAMP)
-	$(PY) -m pytest -q -m "not slow and not reference" $(PYTEST_ARGS)
+	$(WITH_BLAS) $(PY) -m pytest -q -m "not slow and not reference" $(PYTEST_ARGS)
 
 bench: $(REFERENCE_STAMP)
-	$(PY) -m bench $(BENCH_ARGS)
+	$(WITH_BLAS) $(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# --- Clients -----------------------------------------------------------------
+# The Rust client (clients/rust) and the Node contract test (clients/node) start
+# the real server from this checkout with the venv's Python and test against it.
+CLIENT_PYTHON ?= $(abspath $(PY))
+
+.PHONY: test-rust test-node test-clients
+
+# Debian's packaged crates + protoc (no crates.io needed), then unit and server tests.
+test-rust: $(SETUP_STAMP)
+	@bash scripts/install-rust-deps.sh
+	cd clients/rust && AKIDB_EMBED_PYTHON=$(CLIENT_PYTHON) cargo test --offline $(CARGO_TEST_ARGS)
+
+# @grpc/grpc-js loading proto/ directly: every RPC and grpc.health.v1 over the socket.
+test-node: $(SETUP_STAMP)
+	@bash scripts/install-node-deps.sh
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error && AKIDB_EMBED_PYTHON=$(CLIENT_PYTHON) node --test
+
+test-clients: test-rust test-node

@@ -134,6 +134,12 @@ class EmbeddingEngine:
                 )
             return self.profile.prompts[value]
         template = self.profile.instruction_template
+        if not value:
+            prompts = ", ".join(sorted(self.profile.prompts)) or "none"
+            raise InvalidArgument(
+                "instruction is empty: describe the task, or use prompt_name "
+                f"(model {self.name!r} prompts: {prompts})"
+            )
         if template is None:
             raise InvalidArgument(
                 f"model {self.name!r} has no instruction template; "

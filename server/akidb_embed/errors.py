@@ -53,6 +53,10 @@ class Unavailable(EmbedError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class DeadlineExceeded(EmbedError):
+    kind = ErrorKind.DEADLINE_EXCEEDED
+
+
 class Cancelled(EmbedError):
     kind = ErrorKind.CANCELLED
 
@@ -61,3 +65,27 @@ class ModelLoadError(EmbedError):
     """A model's files are unusable: unsupported architecture, corrupt or missing weights."""
 
     kind = ErrorKind.FAILED_PRECONDITION
+
+
+class HubUnavailable(EmbedError):
+    """The Hugging Face Hub cannot be reached (no network, DNS, proxy, Hub down, rate limit)."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+class HubAccessDenied(EmbedError):
+    """The repository is gated or private and the token is missing or lacks access."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
+
+
+class DiskFull(EmbedError):
+    kind = ErrorKind.RESOURCE_EXHAUSTED
+
+
+class UnsupportedModel(ModelLoadError):
+    """The repository can never be served: no safetensors, or an architecture akidb-embed lacks."""
+
+
+class DamagedModel(ModelLoadError):
+    """Cached files fail verification (truncated, garbled, missing)."""

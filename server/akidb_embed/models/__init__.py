@@ -10,6 +10,8 @@ from ..errors import ModelLoadError
 # model_type -> module that defines ModelArgs, Model and sanitize().
 ARCHITECTURES: dict[str, str] = {
     "bert": "akidb_embed.models.bert",
+    "gemma3_text": "akidb_embed.models.gemma3_text",
+    "qwen3": "akidb_embed.models.qwen3",
 }
 
 

@@ -3,6 +3,16 @@
 A model file (`models/<model_type>.py`) defines `ModelArgs`, `Model` and `sanitize()`.
 `Model.encode(input_ids, lengths)` takes right-padded ids (B, L) and the real lengths (B,)
 and returns the last hidden states (B, L, H); padding never changes a real token's state.
+
+Optional module-level facts the loader reads (a checkpoint's own files override them):
+- `DEFAULT_POOLING`, `DEFAULT_NORMALIZE`: the pipeline when there is no modules.json.
+- `DEFAULT_PROMPTS`: named prompts for checkpoints that ship none (no prompts in
+  config_sentence_transformers.json, e.g. some converted copies).
+- `INSTRUCTION_TEMPLATE`: e.g. "Instruct: {instruction}\nQuery:".
+- `MATRYOSHKA_DIMENSIONS` (sizes below native), `MIN_DIMENSIONS` (any size from it up).
+- `prepare_tokenizer(tokenizer)`: fix a `tokenizers.Tokenizer` in place before use.
+- `CASTS_EMBEDDING_LOOKUPS = True`: `encode` casts looked-up embeddings to the compute dtype,
+  so the precision policy may leave a (large) embedding table in its stored dtype.
 """
 
 from __future__ import annotations

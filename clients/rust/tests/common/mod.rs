@@ -1,0 +1,267 @@
+//! Starts the real Python server (`python -m akidb_embed serve --socket PATH`)
+//! for the integration tests.
+//!
+//! - `AKIDB_EMBED_PYTHON`: the interpreter (default `python3`); it must have the
+//!   server's dependencies (e.g. `/work/main/.venv/bin/python`, or `.venv/bin/python`).
+//! - The server and Python client code come from this repository
+//!   (`CARGO_MANIFEST_DIR/../..`, or `AKIDB_EMBED_REPO`).
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use akidb_embed_client::{ChannelOptions, Client};
+
+/// Runs the server's CLI, and SIGTERMs it when stdin closes: when the test
+/// drops the server, or when the test process exits without dropping it.
+const BOOTSTRAP: &str = r#"
+import os, runpy, signal, sys, threading
+def _watch_parent():
+    while os.read(0, 4096):  # raw fd: a buffered stdin would block interpreter exit
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=_watch_parent, daemon=True).start()
+sys.argv = ["akidb_embed"] + sys.argv[1:]
+runpy.run_module("akidb_embed", run_name="__main__", alter_sys=True)
+"#;
+
+const OPENBLAS: &str = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3";
+
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("AKIDB_EMBED_REPO") {
+        Some(root) => PathBuf::from(root),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
+}
+
+pub fn python() -> String {
+    std::env::var("AKIDB_EMBED_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// A command for `python()` with the repository's server and client importable.
+pub fn python_command() -> Command {
+    let root = repo_root();
+    let mut cmd = Command::new(python());
+    cmd.env(
+        "PYTHONPATH",
+        format!(
+            "{}:{}",
+            root.join("server").display(),
+            root.join("clients/python").display()
+        ),
+    );
+    // MLX's CPU matmuls are ~50x faster with OpenBLAS; it must be loaded at start.
+    if std::env::var_os("LD_PRELOAD").is_none() && Path::new(OPENBLAS).exists() {
+        cmd.env("LD_PRELOAD", OPENBLAS);
+    }
+    cmd
+}
+
+pub struct Server {
+    child: Option<(Child, ChildStdin)>,
+    pub socket: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("akidb-embed-rs")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("embed.sock");
+        let log = dir.path().join("server.log");
+        let mut server = Server {
+            child: None,
+            socket,
+            log,
+            _dir: dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = python_command()
+            .args(["-c", BOOTSTRAP, "serve", "--socket"])
+            .arg(&self.socket)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {} (set AKIDB_EMBED_PYTHON): {}", python(), e));
+        let stdin = child.stdin.take().unwrap();
+        self.child = Some((child, stdin));
+    }
+
+    pub fn target(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Graceful stop (SIGTERM through the closed stdin), SIGKILL after 20 s.
+    pub fn stop(&mut self) {
+        if let Some((mut child, stdin)) = self.child.take() {
+            drop(stdin);
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A client that has seen the server report SERVING.
+    pub async fn client(&self) -> Client {
+        self.client_with(ChannelOptions::default()).await
+    }
+
+    pub async fn client_with(&self, options: ChannelOptions) -> Client {
+        let client = Client::lazy(&self.target(), options).unwrap();
+        if let Err(e) = client.wait_until_serving(Duration::from_secs(180)).await {
+            panic!("{}\nserver log:\n{}", e, self.log_tail());
+        }
+        client
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+static SHARED: Mutex<Option<Server>> = Mutex::new(None);
+
+/// One server shared by the tests of a test binary. It is never dropped: when
+/// the test process exits its stdin closes and it shuts itself down.
+pub async fn shared_client() -> Client {
+    shared_client_with(ChannelOptions::default()).await
+}
+
+pub async fn shared_client_with(options: ChannelOptions) -> Client {
+    let target = {
+        let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert_with(Server::start).target()
+    };
+    let client = Client::lazy(&target, options).unwrap();
+    if let Err(e) = client.wait_until_serving(Duration::from_secs(180)).await {
+        let log = SHARED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.log_tail());
+        panic!("{}\nserver log:\n{}", e, log.unwrap_or_default());
+    }
+    client
+}
+
+pub fn shared_target() -> String {
+    let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    slot.get_or_insert_with(Server::start).target()
+}
+
+/// What the Python client (`akidb_embed_client.EmbedClient`) gets for `texts`.
+pub struct PythonEmbeddings {
+    pub model: String,
+    pub fingerprint: String,
+    pub vectors: Vec<Vec<f32>>,
+    pub token_counts: Vec<u32>,
+}
+
+const PYTHON_EMBED: &str = r#"
+import sys
+from akidb_embed_client import EmbedClient
+texts = sys.stdin.read().split("\n")
+with EmbedClient(sys.argv[1], timeout=120) as client:
+    result = client.embed(texts)
+print(result.model)
+print(result.space.fingerprint)
+for count, vector in zip(result.token_counts, result.vectors):
+    print(count, " ".join(repr(float(v)) for v in vector))
+"#;
+
+/// Embeds `texts` (no newlines in them) through the Python client.
+pub fn python_embed(target: &str, texts: &[&str]) -> PythonEmbeddings {
+    let mut child = python_command()
+        .args(["-c", PYTHON_EMBED, target])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(texts.join("\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let model = lines.next().unwrap().to_string();
+    let fingerprint = lines.next().unwrap().to_string();
+    let mut vectors = Vec::new();
+    let mut token_counts = Vec::new();
+    for line in lines {
+        let mut fields = line.split(' ');
+        token_counts.push(fields.next().unwrap().parse().unwrap());
+        // Python prints each float32 widened to a double, exactly; narrowing back is exact.
+        vectors.push(fields.map(|v| v.parse::<f64>().unwrap() as f32).collect());
+    }
+    PythonEmbeddings {
+        model,
+        fingerprint,
+        vectors,
+        token_counts,
+    }
+}
+
+pub fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max)
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    dot / (norm(a) * norm(b))
+}

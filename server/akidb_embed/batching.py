@@ -1,0 +1,226 @@
+"""The compute thread: the one thread that runs all MLX work.
+
+Callers (any thread, any event loop) submit one tokenised text at a time and get a
+`concurrent.futures.Future` for its pooled vector. The thread groups pending texts per model
+into batches bounded by a token budget (padded tokens = rows x longest row), sorted by length
+so little compute goes to padding. Interactive work (a query of a few texts) has its own
+lane that is served before bulk work, so a query waits for at most the batch in progress,
+never behind a re-index backlog. There is no fill timer: a batch starts as soon as the
+thread is free, with whatever is queued. A cancelled future (caller gone, deadline passed) leaves
+the queue without costing compute. Model loads run on the same thread, between batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class BatchModel(Protocol):
+    """What the compute thread needs of an engine."""
+
+    name: str
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray: ...
+
+
+@dataclass
+class _Item:
+    model: BatchModel
+    ids: Sequence[int]
+    future: Future[np.ndarray]
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One executed batch, for metrics."""
+
+    model: str
+    rows: int
+    real_tokens: int
+    padded_tokens: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+def plan_batches(
+    lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int
+) -> list[list[int]]:
+    """Split item indices into batches: longest first, each within the padded-token budget.
+
+    A single item longer than the budget still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted descending: the first row of a batch is its longest.
+        width = lengths[current[0]] if current else lengths[index]
+        if current and (
+            (len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size
+        ):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class ComputeWorker:
+    def __init__(
+        self,
+        max_batch_tokens: int = 8192,
+        max_batch_size: int = 64,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self._on_batch = on_batch
+        self._cond = threading.Condition()
+        # Per lane, per model: FIFO queues. Interactive is always served first.
+        self._interactive: dict[str, deque[_Item]] = {}
+        self._bulk: dict[str, deque[_Item]] = {}
+        self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._queued_tokens = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="mlx-compute", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish everything queued, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def queued_items(self) -> int:
+        with self._cond:
+            return sum(len(q) for lane in self._lanes for q in lane.values())
+
+    @property
+    def _lanes(self) -> tuple[dict[str, deque[_Item]], ...]:
+        return (self._interactive, self._bulk)
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the compute thread (model loads, warm-up)."""
+        future: Future[T] = Future()
+        with self._cond:
+            self._jobs.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def submit(
+        self, model: BatchModel, ids: Sequence[int], interactive: bool = False
+    ) -> Future[np.ndarray]:
+        future: Future[np.ndarray] = Future()
+        lane = self._interactive if interactive else self._bulk
+        with self._cond:
+            lane.setdefault(model.name, deque()).append(_Item(model, ids, future))
+            self._queued_tokens += len(ids)
+            self._cond.notify()
+        return future
+
+    def _take_window(self) -> list[_Item]:
+        """Pop the oldest items of the next model, about one batch's worth (lock held):
+        the interactive lane first, then bulk."""
+        for lane in self._lanes:
+            window = self._take_from(lane)
+            if window:
+                return window
+        return []
+
+    def _take_from(self, queues: dict[str, deque[_Item]]) -> list[_Item]:
+        for name in list(queues):
+            queue = queues[name]
+            if not queue:
+                continue
+            # Round-robin across models: move this one to the back.
+            queues[name] = queues.pop(name)
+            window: list[_Item] = []
+            tokens = 0
+            while queue and tokens < self.max_batch_tokens and len(window) < self.max_batch_size:
+                item = queue.popleft()
+                self._queued_tokens -= len(item.ids)
+                if item.future.set_running_or_notify_cancel():
+                    window.append(item)
+                    tokens += len(item.ids)
+            return window
+        return []
+
+    def _has_items(self) -> bool:
+        return any(q for lane in self._lanes for q in lane.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._has_items() and not self._stopping:
+                    self._cond.wait()
+                if self._jobs:
+                    job: tuple[Callable[[], Any], Future[Any]] | None = self._jobs.popleft()
+                    window: list[_Item] = []
+                else:
+                    job = None
+                    window = self._take_window()
+                    if not window and self._stopping:
+                        return
+            if job is not None:
+                self._run_job(*job)
+            elif window:
+                self._run_window(window)
+
+    @staticmethod
+    def _run_job(fn: Callable[[], Any], future: Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _run_window(self, window: list[_Item]) -> None:
+        lengths = [len(item.ids) for item in window]
+        for indices in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
+            items = [window[i] for i in indices]
+            model = items[0].model
+            started = time.monotonic()
+            try:
+                vectors = model.forward([item.ids for item in items])
+            except Exception as exc:
+                log.exception("batch of %d on %s failed", len(items), model.name)
+                for item in items:
+                    item.future.set_exception(exc)
+                continue
+            for item, vector in zip(items, vectors, strict=True):
+                item.future.set_result(vector)
+            if self._on_batch is not None:
+                done = time.monotonic()
+                self._on_batch(
+                    BatchStats(
+                        model=model.name,
+                        rows=len(items),
+                        real_tokens=sum(len(i.ids) for i in items),
+                        padded_tokens=len(items) * max(len(i.ids) for i in items),
+                        queue_seconds=started - min(i.enqueued_at for i in items),
+                        compute_seconds=done - started,
+                    )
+                )

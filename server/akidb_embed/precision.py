@@ -1,0 +1,141 @@
+"""Which precision a loaded model computes in, by device, and the conversions that get it there.
+
+MLX on a CPU has no fast path for 4-bit `quantized_matmul` (about 70x slower than an fp32
+matmul with OpenBLAS here) nor for float16/bfloat16 matmuls (about 30x slower), so on the CPU
+quantised linear layers are dequantised to float32 and half-precision weights are cast to
+float32 at load. On Metal and CUDA both run fast as stored and stay so. Either choice can be
+forced with AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST = auto | always | never.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from .errors import ModelLoadError
+from .quantization import bits_label, quantized_bits
+
+DEQUANTIZE_ENV = "AKIDB_EMBED_DEQUANTIZE"
+UPCAST_ENV = "AKIDB_EMBED_UPCAST"
+_HALF = (mx.float16, mx.bfloat16)
+
+
+class Choice(str, Enum):
+    AUTO = "auto"  # only on the CPU
+    ALWAYS = "always"
+    NEVER = "never"
+
+    def applies(self, on_cpu: bool) -> bool:
+        return self is Choice.ALWAYS or (self is Choice.AUTO and on_cpu)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    # Quantised linear layers -> float32 (embedding tables stay quantised: a lookup is cheap).
+    dequantize: Choice = Choice.AUTO
+    # float16 / bfloat16 weights -> float32.
+    upcast: Choice = Choice.AUTO
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PrecisionPolicy:
+        env = os.environ if environ is None else environ
+        return cls(
+            dequantize=_choice(env, DEQUANTIZE_ENV),
+            upcast=_choice(env, UPCAST_ENV),
+        )
+
+
+def _choice(env: Mapping[str, str], name: str) -> Choice:
+    value = env.get(name, Choice.AUTO.value).strip().lower()
+    try:
+        return Choice(value)
+    except ValueError:
+        allowed = ", ".join(c.value for c in Choice)
+        raise ModelLoadError(f"{name}={value!r} is not valid; use one of {allowed}") from None
+
+
+def running_on_cpu() -> bool:
+    return bool(mx.default_device().type == mx.DeviceType.cpu)
+
+
+def dequantize_linears(module: nn.Module) -> None:
+    """Replace every QuantizedLinear with a float32 Linear holding the same values."""
+    replacements = []
+    for path, layer in module.named_modules():
+        if not isinstance(layer, nn.QuantizedLinear):
+            continue
+        scales, biases = layer.scales, layer.get("biases")
+        if scales.dtype in _HALF:  # dequantise in float32, not in the scales' half precision
+            scales = scales.astype(mx.float32)
+            biases = None if biases is None else biases.astype(mx.float32)
+        weight = mx.dequantize(
+            layer.weight, scales, biases, layer.group_size, layer.bits, mode=layer.mode
+        ).astype(mx.float32)
+        linear = nn.Linear(int(weight.shape[1]), int(weight.shape[0]), bias="bias" in layer)
+        linear.weight = weight
+        if "bias" in layer:
+            linear.bias = layer.bias
+        replacements.append((path, linear))
+    if replacements:
+        module.update_modules(tree_unflatten(replacements))
+
+
+def upcast(module: nn.Module, *, keep_embedding_tables: bool) -> None:
+    """Cast float16/bfloat16 arrays to float32 (quantised layers: their scales and biases)."""
+    for _, layer in module.named_modules():
+        if keep_embedding_tables and isinstance(layer, nn.Embedding):
+            continue
+        for key, value in list(layer.items()):
+            if isinstance(value, mx.array) and value.dtype in _HALF:
+                layer[key] = value.astype(mx.float32)
+
+
+def float_label(module: nn.Module) -> str:
+    """The dtype of the largest floating-point matrix outside embedding tables."""
+    best: tuple[int, str] = (-1, "float32")
+    for _, layer in module.named_modules():
+        if isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
+            continue
+        for value in layer.values():
+            if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+                best = max(best, (value.size, str(value.dtype).removeprefix("mlx.core.")))
+    return best[1]
+
+
+def stored_label(module: nn.Module) -> str:
+    """What a freshly loaded model holds: "q4", "q4+q8", "bfloat16", "float32"..."""
+    bits = quantized_bits(module)
+    return bits_label(bits) if bits else float_label(module)
+
+
+def computed_label(module: nn.Module) -> str:
+    """What the matrix multiplications run in."""
+    bits = {
+        int(layer.bits)
+        for _, layer in module.named_modules()
+        if isinstance(layer, nn.QuantizedLinear)
+    }
+    return bits_label(bits) if bits else float_label(module)
+
+
+def apply_precision(
+    module: nn.Module,
+    policy: PrecisionPolicy,
+    *,
+    on_cpu: bool,
+    keep_embedding_tables: bool = False,
+) -> str:
+    """Convert `module` in place; returns e.g. "q4->float32" (stored->computed) or "float32"."""
+    stored = stored_label(module)
+    if policy.dequantize.applies(on_cpu):
+        dequantize_linears(module)
+    if policy.upcast.applies(on_cpu):
+        upcast(module, keep_embedding_tables=keep_embedding_tables)
+    computed = computed_label(module)
+    return stored if stored == computed else f"{stored}->{computed}"

@@ -1,0 +1,207 @@
+"""Assembles and runs the gRPC server: transport, services, health, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from akidb.embedding.v1 import embedding_service_pb2 as pb
+from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+
+from .backend import describe_backend
+from .batching import ComputeWorker
+from .errors import EmbedError
+from .interceptor import ObservingInterceptor
+from .metrics import Metrics, MetricsEndpoint
+from .registry import DEFAULT_MODEL, Registry
+from .residency import ModelBudget
+from .service import EmbeddingService, Limits
+from .servicer import EmbeddingServicer
+from .unix_socket import prepare_socket_path
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class ServerConfig:
+    socket_path: Path | None = None
+    port: int | None = None
+    host: str = "127.0.0.1"
+    # Loaded and warmed before the server reports SERVING; the first is the default.
+    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
+    local_model_dirs: list[Path] = field(default_factory=list)
+    socket_mode: int = 0o600
+    grace_seconds: float = 30.0
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024
+    stream_window: int = 256
+    limits: Limits = field(default_factory=Limits)
+    budget: ModelBudget = field(default_factory=ModelBudget)
+    allow_downloads: bool = False
+    # Prometheus `/metrics` over HTTP when set (0 picks a free port).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def restrictive_umask(mode: int) -> Iterator[None]:
+    """Create the socket with `mode` from the start, not chmod it after a window."""
+    old = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+class EmbeddingServer:
+    def __init__(self, config: ServerConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry()
+        for directory in config.local_model_dirs:
+            self.registry.add_local(directory)
+        self.metrics = Metrics()
+        self.worker = ComputeWorker(
+            config.max_batch_tokens, config.max_batch_size, on_batch=self.metrics.observe_batch
+        )
+        self.service = EmbeddingService(
+            self.registry,
+            self.worker,
+            config.limits,
+            config.budget,
+            allow_downloads=config.allow_downloads,
+            metrics=self.metrics,
+        )
+        self.metrics.watch(self.service)
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self.health = health.aio.HealthServicer()
+        self.service.on_model_change = self._model_changed
+        self.server = grpc.aio.server(
+            interceptors=[ObservingInterceptor(self.metrics)],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ],
+        )
+        self.addresses: list[str] = []
+        self._stopped = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen, then load and warm the models; health is NOT_SERVING until they are."""
+        backend = describe_backend()
+        pb_grpc.add_EmbeddingServiceServicer_to_server(
+            EmbeddingServicer(self.service, backend, self.config.stream_window, self.metrics),
+            self.server,
+        )
+        self.metrics.build.info({"version": self.service.version, "backend": backend})
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        await self._set_all(NOT_SERVING)
+        self._bind()
+        self.worker.start()
+        await self.server.start()
+        log.info("listening on %s", ", ".join(self.addresses))
+        if self.config.metrics_port is not None:
+            self.metrics_endpoint = MetricsEndpoint(
+                self.metrics.registry, self.config.metrics_host, self.config.metrics_port
+            )
+        if self.config.models:
+            self.registry.default_model = self.config.models[0]
+        for name in self.config.models:
+            await self.service.engine(name, pin=True)
+        self.service.ready = True
+        await self._set_all(SERVING)
+        if self.config.budget.keep_alive_seconds:
+            self._reaper = asyncio.create_task(self._unload_idle_models())
+        log.info("SERVING (backend: %s)", describe_backend())
+
+    async def _model_changed(self, name: str, serving: bool) -> None:
+        if not self._stopped.is_set():
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
+
+    async def _unload_idle_models(self) -> None:
+        interval = min(30.0, max(0.1, self.config.budget.keep_alive_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.service.unload_expired()
+
+    async def _set_all(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _bind(self) -> None:
+        if self.config.socket_path is not None:
+            path = self.config.socket_path
+            prepare_socket_path(path, self.config.socket_mode)
+            with restrictive_umask(self.config.socket_mode):
+                self.server.add_insecure_port(f"unix:{path}")
+            os.chmod(path, self.config.socket_mode)
+            self.addresses.append(f"unix:{path}")
+        if self.config.port is not None:
+            port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+            self.addresses.append(f"{self.config.host}:{port}")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Flip health to NOT_SERVING, refuse new work, drain in-flight calls, then stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("shutting down: draining in-flight calls (grace %.0fs)", self.config.grace_seconds)
+        await self.health.enter_graceful_shutdown()
+        self.service.accepting = False
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        await asyncio.to_thread(self.worker.stop)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        if self.config.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket_path.unlink()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def run_server(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT; a second signal exits at once. Returns the exit code."""
+    server = EmbeddingServer(config)
+    loop = asyncio.get_running_loop()
+    signals = 0
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now")
+            os._exit(128 + signum)
+        stopping.append(loop.create_task(server.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await server.start()
+    except EmbedError as error:
+        log.error("cannot start: %s", error.message)
+        await server.stop(grace=0)
+        return 1
+    await server.wait()
+    return 0

@@ -1,0 +1,78 @@
+"""Decoder models through the real server: Qwen3 instructions and Matryoshka sizes, Gemma
+prompts and its fixed Matryoshka sizes, on tiny random checkpoints (parity with transformers
+is tests/parity/test_decoders.py)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from akidb.embedding.v1 import embedding_service_pb2 as pb
+from akidb_embed.server import ServerConfig
+from akidb_embed_client import EmbedClient, EmbedClientError
+from tests.conftest import ServerThread
+from tests.fixtures import tiny_models as tiny
+
+TEXTS = tiny.sample_texts(6, seed=3)
+
+
+@pytest.fixture(scope="module")
+def decoder_server(tmp_path_factory: pytest.TempPathFactory) -> ServerThread:
+    root = tmp_path_factory.mktemp("decoder-models")
+    qwen = tiny.build_qwen3(root / "tiny-qwen3")
+    gemma = tiny.build_gemma3(root / "tiny-gemma")
+    sock = tmp_path_factory.mktemp("sock") / "embed.sock"
+    config = ServerConfig(socket_path=sock, models=[], local_model_dirs=[qwen, gemma])
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+def test_qwen3_instruction_matryoshka_and_listing(decoder_server: ServerThread) -> None:
+    with EmbedClient(decoder_server.target, timeout=60) as client:
+        full = client.embed(TEXTS, model="tiny-qwen3")
+        assert full.space.pooling == "last_token"
+        native = full.space.dimensions
+        # Matryoshka: the first 32 values of the raw vector, re-normalised.
+        raw = client.embed(TEXTS, model="tiny-qwen3", normalize=False).vectors
+        small = client.embed(TEXTS, model="tiny-qwen3", dimensions=32)
+        expected = raw[:, :32] / np.linalg.norm(raw[:, :32], axis=1, keepdims=True)
+        np.testing.assert_allclose(small.vectors, expected, atol=1e-5)
+        assert small.space.dimensions == 32 and small.space.fingerprint != full.space.fingerprint
+        with pytest.raises(EmbedClientError) as info:
+            client.embed(TEXTS, model="tiny-qwen3", dimensions=16)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"from 32 to {native}" in info.value.message
+        # An instruction is formatted with the model's template: same as the literal prefix.
+        task = "Given a question, retrieve passages that answer it"
+        by_instruction = client.embed(TEXTS[:2], model="tiny-qwen3", instruction=task).vectors
+        literal = client.embed(
+            TEXTS[:2], model="tiny-qwen3", prompt=f"Instruct: {task}\nQuery:"
+        ).vectors
+        np.testing.assert_allclose(by_instruction, literal, atol=1e-6)
+        assert float(by_instruction[0] @ full.vectors[0]) < 0.9999
+        info_by_name = {m.name: m for m in client.list_models()}
+        qwen = info_by_name["tiny-qwen3"]
+        assert qwen.state == pb.MODEL_STATE_LOADED and qwen.architecture == "qwen3"
+        assert "query" in qwen.prompts and qwen.pooling == pb.POOLING_LAST_TOKEN
+
+
+def test_gemma_prompts_and_fixed_matryoshka_sizes(decoder_server: ServerThread) -> None:
+    with EmbedClient(decoder_server.target, timeout=60) as client:
+        query = client.embed(TEXTS, model="tiny-gemma", prompt_name="query")
+        document = client.embed(TEXTS, model="tiny-gemma", prompt_name="document")
+        assert query.space.pooling == "mean"
+        assert (np.sum(query.vectors * document.vectors, axis=1) < 0.9999).all()
+        gemma = {m.name: m for m in client.list_models()}["tiny-gemma"]
+        assert gemma.architecture == "gemma3_text"
+        assert list(gemma.matryoshka_dimensions)
+        size = sorted(gemma.matryoshka_dimensions)[0]
+        assert client.embed(TEXTS, model="tiny-gemma", dimensions=size).vectors.shape[1] == size
+        with pytest.raises(EmbedClientError) as info:
+            client.embed(TEXTS, model="tiny-gemma", dimensions=size + 1)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one of" in info.value.message
+        with pytest.raises(EmbedClientError) as info:
+            client.embed(TEXTS, model="tiny-gemma", prompt_name="no-such-prompt")
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT

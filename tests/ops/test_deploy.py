@@ -1,0 +1,144 @@
+"""The deployment examples parse, and agree with the CLI and with each other."""
+
+from __future__ import annotations
+
+import configparser
+import plistlib
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from akidb_embed.cli import build_parser
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+K8S = DEPLOY / "kubernetes" / "akidb-with-embed-sidecar.yaml"
+SYSTEMD = DEPLOY / "systemd" / "akidb-embed.service"
+LAUNCHD = DEPLOY / "launchd" / "com.akidb.embed.plist"
+
+
+def parse_cli(argv: list[str]) -> Any:
+    """The real CLI parser accepts the command line (exits on an unknown flag)."""
+    assert Path(argv[0]).name == "akidb-embed", argv
+    return build_parser().parse_args(argv[1:])
+
+
+def pod_spec() -> dict[str, Any]:
+    [deployment] = [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+    assert deployment["kind"] == "Deployment"
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def test_kubernetes_sidecar_shares_the_socket_and_probes_it() -> None:
+    spec = pod_spec()
+    [embed] = [c for c in spec["initContainers"] if c["name"] == "akidb-embed"]
+    assert embed["restartPolicy"] == "Always"  # native sidecar: up before, down after the db
+    [database] = spec["containers"]
+    serve = parse_cli(embed["command"])
+    assert serve.command == "serve"
+    socket = PurePosixPath(str(serve.socket))
+
+    # Both containers mount the same emptyDir, and the socket is inside it, one level down:
+    # the emptyDir root is world-writable and the server refuses to put a socket there.
+    [volume] = [v for v in spec["volumes"] if "emptyDir" in v and v["name"] == "embed-socket"]
+    mounts = {
+        c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (embed, database)
+    }
+    mount = PurePosixPath(mounts["akidb-embed"][volume["name"]])
+    assert mounts["akidb"][volume["name"]] == str(mount)
+    assert socket.is_relative_to(mount) and socket.parent != mount
+    env = {e["name"]: e["value"] for e in database["env"]}
+    assert env["AKIDB_EMBED_SOCKET"] == str(socket)
+
+    # Exec probes run the health command on that socket (kubelet's grpc probe needs TCP).
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = embed[kind]
+        health = parse_cli(probe["exec"]["command"])
+        assert health.command == "health", kind
+        assert health.socket == str(socket), kind
+        assert health.timeout < probe["timeoutSeconds"], kind
+    # The startup probe gives model loading minutes before liveness takes over.
+    startup = embed["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+    assert spec["terminationGracePeriodSeconds"] > serve.grace
+    for container in (embed, database):
+        assert container["resources"]["requests"]["cpu"]
+        assert container["resources"]["requests"]["memory"]
+    # The metrics port is declared where it is served and where Prometheus looks for it.
+    assert serve.metrics_port == embed["ports"][0]["containerPort"]
+    annotations = pod_annotations()
+    assert annotations["prometheus.io/port"] == str(serve.metrics_port)
+    # Both containers share the same user, so the 0600 socket in a 0700 directory is enough.
+    assert serve.socket_mode == "600"
+    assert spec["securityContext"]["runAsUser"]
+
+
+def pod_annotations() -> dict[str, str]:
+    [deployment] = [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+    annotations: dict[str, str] = deployment["spec"]["template"]["metadata"]["annotations"]
+    return annotations
+
+
+def read_unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    unit.read_string(SYSTEMD.read_text())
+    return unit
+
+
+def exec_start_argv(unit: configparser.ConfigParser) -> list[str]:
+    # systemd joins backslash-continued lines; configparser keeps them as indented lines.
+    joined = " ".join(
+        line.rstrip("\\").strip() for line in unit["Service"]["ExecStart"].split("\n")
+    )
+    return joined.split()
+
+
+def test_systemd_unit_fields() -> None:
+    unit = read_unit()
+    service = unit["Service"]
+    serve = parse_cli(exec_start_argv(unit))
+    assert serve.command == "serve"
+    assert service["Type"] == "simple"
+    assert service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["User"] and service["Group"]
+    assert float(service["TimeoutStopSec"]) > serve.grace
+    # The socket is in the directory systemd creates for the service, which is 0750, with a
+    # 0660 socket: the database's user reaches it through the group, nobody else does.
+    assert service["RuntimeDirectoryMode"] == "0750"
+    assert Path(str(serve.socket)).parent == Path("/run") / service["RuntimeDirectory"]
+    assert serve.socket_mode == "660"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+    # verify insists the binary exists: point ExecStart at one that does.
+    text = SYSTEMD.read_text().replace("/opt/akidb-embed/.venv/bin/akidb-embed", "/bin/true")
+    unit = tmp_path / SYSTEMD.name
+    unit.write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Unknown" not in result.stderr and "Invalid" not in result.stderr, result.stderr
+
+
+def test_launchd_plist() -> None:
+    plist = plistlib.loads(LAUNCHD.read_bytes())
+    assert plist["Label"] == "com.akidb.embed"
+    serve = parse_cli(plist["ProgramArguments"])
+    assert serve.command == "serve"
+    assert plist["RunAtLoad"] is True
+    # Restart after a crash, not after a clean (exit 0) stop.
+    assert plist["KeepAlive"] == {"SuccessfulExit": False}
+    assert plist["ExitTimeOut"] > serve.grace
+    assert plist["Umask"] == 0o077
+    for key in ("StandardOutPath", "StandardErrorPath"):
+        assert PurePosixPath(plist[key]).is_absolute()  # launchd does not expand ~
