@@ -11,7 +11,7 @@ recent Xeons, 4.7x slower than its AVX-512 kernels. The re-exec then also sets
 OPENBLAS_CORETYPE from the CPU's flags.
 
 `python -m akidb_embed.blas CMD...` runs any command that way (the Makefile's tests and
-benchmark); with no command it prints what `describe_backend()` reports.
+benchmark); with no command it prints the backend Health reports.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
-from functools import cache
 from pathlib import Path
 
 # Set in the re-executed process so a preload that does not take cannot loop.
@@ -54,9 +53,20 @@ def loaded_libraries(maps: Path = Path("/proc/self/maps")) -> set[str]:
     return {fields[5] for fields in map(str.split, lines) if len(fields) >= 6}
 
 
-def openblas_loaded(libraries: set[str] | None = None) -> bool:
+# Debian's OpenBLAS variants; numpy's wheel maps its own private OpenBLAS, which MLX does
+# not use, so a bare "openblas" in a path proves nothing.
+_DEBIAN_OPENBLAS_DIRS = ("/openblas-pthread/", "/openblas-openmp/", "/openblas-serial/")
+
+
+def mlx_openblas(libraries: set[str] | None = None) -> str | None:
+    """The Debian OpenBLAS mapped into this process (where MLX's `libblas` resolves)."""
     libraries = loaded_libraries() if libraries is None else libraries
-    return any("openblas" in lib for lib in libraries)
+    found = sorted(lib for lib in libraries if any(d in lib for d in _DEBIAN_OPENBLAS_DIRS))
+    return found[0] if found else None
+
+
+def openblas_loaded(libraries: set[str] | None = None) -> bool:
+    return mlx_openblas(libraries) is not None
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -143,22 +153,25 @@ def ensure_fast_blas() -> None:
     os.execve(sys.executable, list(sys.orig_argv), blas_env(os.environ, library))
 
 
-@cache
-def describe_backend() -> str:
-    """Where MLX computes, for Health and the logs: e.g. "cpu (openblas SkylakeX)"."""
-    import mlx.core as mx
+def describe_cpu_blas() -> str:
+    """e.g. "openblas SkylakeX", or the reference BLAS with what to install."""
+    library = mlx_openblas()
+    if library is None:
+        return f"reference blas: {INSTALL_HINT} for ~50x faster matmuls"
+    core = openblas_corename(library)
+    return f"openblas {core}" if core else "openblas"
 
-    if mx.metal.is_available():
-        return "gpu (metal)"
-    if mx.is_available(mx.gpu):
-        return "gpu (cuda)"
-    if sys.platform != "linux":
-        return "cpu"
-    loaded = sorted(lib for lib in loaded_libraries() if "openblas" in lib)
-    if not loaded:
-        return f"cpu (reference blas: {INSTALL_HINT})"
-    core = openblas_corename(loaded[0])
-    return f"cpu (openblas {core})" if core else "cpu (openblas)"
+
+def set_openblas_threads(threads: int) -> bool:
+    """Set the loaded OpenBLAS's thread count (e.g. 1 per worker process); False if none."""
+    library = mlx_openblas()
+    if library is None:
+        return False
+    try:
+        ctypes.CDLL(library).openblas_set_num_threads(int(threads))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def run_with_fast_blas(command: Sequence[str]) -> None:
@@ -176,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = args[1:]
     if args:
         run_with_fast_blas(args)
+    from .backend import describe_backend
+
     print(describe_backend())
 
 

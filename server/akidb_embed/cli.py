@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from .blas import ensure_fast_blas
 from .logs import configure_logging
 from .model_cache import human_size
 from .registry import DEFAULT_MODEL
@@ -145,6 +146,8 @@ def explain(error: Exception, target: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # First: on Linux CPU this may re-execute the process with OpenBLAS preloaded.
+    ensure_fast_blas()
     configure_logging(args.log_level, args.log_format)
     if args.no_socket and args.port is None:
         return fail("--no-socket needs --port")

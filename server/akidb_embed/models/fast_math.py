@@ -82,18 +82,20 @@ def estrin(coeffs: Sequence[float], t: mx.array, t2: mx.array) -> mx.array:
     return acc
 
 
-def _gelu(x: mx.array) -> mx.array:
-    # 0.5 x (1 + erf(x / sqrt 2)) = 0.5 (x + |x| erf(|x| / sqrt 2)): erf is odd.
-    magnitude = mx.abs(x)
-    a = magnitude * (1 / math.sqrt(2))
-    # min(a, ERF_LIMIT) without `minimum`: exactly the limit above it (so erf is exactly
-    # 1), within half an ulp of the limit below it.
+def _erf_input(x: mx.array) -> mx.array:
+    """min(|x| / sqrt 2, ERF_LIMIT), without `minimum`: exactly the limit above it (where
+    the rational is exactly 1), within half an ulp of the limit below it."""
+    a = mx.abs(x) * (1 / math.sqrt(2))
     gap = ERF_LIMIT - a
-    a = ERF_LIMIT - 0.5 * (gap + mx.abs(gap))
+    return ERF_LIMIT - 0.5 * (gap + mx.abs(gap))
+
+
+def _gelu_from(x: mx.array, a: mx.array) -> mx.array:
+    # 0.5 x (1 + erf(x / sqrt 2)) = 0.5 x + 0.5 |x| erf(|x| / sqrt 2): erf is odd.
     t = a * a
     t2 = t * t
     erf = a * estrin(ERF_P, t, t2) / estrin(ERF_Q, t, t2)
-    return 0.5 * x + (0.5 * magnitude) * erf
+    return 0.5 * x + (0.5 * mx.abs(x)) * erf
 
 
 def _exp_parts(u: mx.array) -> tuple[mx.array, mx.array]:
@@ -104,22 +106,26 @@ def _exp_parts(u: mx.array) -> tuple[mx.array, mx.array]:
     return estrin(EXP_C, r, r * r), rounded
 
 
-_gelu_f32 = mx.compile(_gelu)
+# Two compiled functions, not one: left to itself mx.compile splits the chain at a point
+# where a shared constant becomes a broadcast input, and the second kernel runs strided
+# (3x slower). Shape-specialised: `shapeless` kernels are ~1.5x slower.
+_erf_input_f32 = mx.compile(_erf_input)
+_gelu_from_f32 = mx.compile(_gelu_from)
 _exp_parts_f32 = mx.compile(_exp_parts)
+_exponent_bits = mx.compile(lambda rounded_bits: (rounded_bits - EXPONENT_OFFSET) << 23)
 
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU. Other dtypes than float32 take MLX's."""
     if x.dtype != mx.float32:
         return 0.5 * x * (1 + mx.erf(x * (1 / math.sqrt(2))))
-    return _gelu_f32(x)
+    return _gelu_from_f32(x, _erf_input_f32(x))
 
 
 def exp_negative(u: mx.array) -> mx.array:
     """exp(-u) for float32 u >= 0; +inf gives ~1.6e-38, not 0."""
     poly, rounded = _exp_parts_f32(mx.minimum(u, EXP_FLOOR))
-    exponent = (mx.view(rounded, mx.int32) - EXPONENT_OFFSET) << 23
-    return poly * mx.view(exponent, mx.float32)
+    return poly * mx.view(_exponent_bits(mx.view(rounded, mx.int32)), mx.float32)
 
 
 def softmax_parts(scores: mx.array) -> tuple[mx.array, mx.array]:
