@@ -8,6 +8,10 @@ lane that is served before bulk work, so a query waits for at most the batch in 
 never behind a re-index backlog. There is no fill timer: a batch starts as soon as the
 thread is free, with whatever is queued. A cancelled future (caller gone, deadline passed) leaves
 the queue without costing compute. Model loads run on the same thread, between batches.
+
+With a `WorkerPool` (workers.py), the thread hands each batch to an engine worker process
+instead of running it, one batch per process, and takes the next window as soon as a
+process is free: N cores stay busy, and a query still waits for at most the batch in progress.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,10 +92,16 @@ class ComputeWorker:
         max_batch_tokens: int = 8192,
         max_batch_size: int = 64,
         on_batch: Callable[[BatchStats], None] | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self._on_batch = on_batch
+        self.pool = pool
+        # Batches handed to the pool and not finished: one per process, so a query waits for
+        # at most the batch in progress (the next is chosen only when a process is free).
+        self._in_flight = 0
+        self._max_in_flight = pool.processes if pool is not None else 0
         self._cond = threading.Condition()
         # Per lane, per model: FIFO queues. Interactive is always served first.
         self._interactive: dict[str, deque[_Item]] = {}
@@ -170,18 +183,27 @@ class ComputeWorker:
     def _has_items(self) -> bool:
         return any(q for lane in self._lanes for q in lane.values())
 
+    def _pool_full(self) -> bool:
+        return self.pool is not None and self._in_flight >= self._max_in_flight
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._has_items() and not self._stopping:
+                while (
+                    not self._jobs
+                    and not self._stopping
+                    and (not self._has_items() or self._pool_full())
+                ):
                     self._cond.wait()
                 if self._jobs:
                     job: tuple[Callable[[], Any], Future[Any]] | None = self._jobs.popleft()
                     window: list[_Item] = []
                 else:
                     job = None
-                    window = self._take_window()
+                    window = [] if self._pool_full() else self._take_window()
                     if not window and self._stopping:
+                        while self._in_flight:  # let the pool's batches finish
+                            self._cond.wait()
                         return
             if job is not None:
                 self._run_job(*job)
@@ -201,26 +223,56 @@ class ComputeWorker:
         lengths = [len(item.ids) for item in window]
         for indices in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
             items = [window[i] for i in indices]
-            model = items[0].model
+            if self.pool is not None:
+                self._dispatch(self.pool, items)
+                continue
             started = time.monotonic()
             try:
-                vectors = model.forward([item.ids for item in items])
+                vectors = items[0].model.forward([item.ids for item in items])
             except Exception as exc:
-                log.exception("batch of %d on %s failed", len(items), model.name)
-                for item in items:
-                    item.future.set_exception(exc)
+                self._fail(items, exc)
                 continue
-            for item, vector in zip(items, vectors, strict=True):
-                item.future.set_result(vector)
-            if self._on_batch is not None:
-                done = time.monotonic()
-                self._on_batch(
-                    BatchStats(
-                        model=model.name,
-                        rows=len(items),
-                        real_tokens=sum(len(i.ids) for i in items),
-                        padded_tokens=len(items) * max(len(i.ids) for i in items),
-                        queue_seconds=started - min(i.enqueued_at for i in items),
-                        compute_seconds=done - started,
-                    )
+            self._finish(items, vectors, started)
+
+    def _dispatch(self, pool: WorkerPool, items: list[_Item]) -> None:
+        """Hand a batch to a worker process; its results arrive on the pool's thread."""
+        with self._cond:
+            self._in_flight += 1
+        started = time.monotonic()
+        future = pool.submit(items[0].model.name, [item.ids for item in items])
+
+        def done(future: Future[np.ndarray]) -> None:
+            try:
+                error = future.exception()
+                if error is None:
+                    self._finish(items, future.result(), started)
+                else:
+                    self._fail(items, error)
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
+                    self._cond.notify_all()
+
+        future.add_done_callback(done)
+
+    @staticmethod
+    def _fail(items: list[_Item], exc: BaseException) -> None:
+        log.error("batch of %d on %s failed", len(items), items[0].model.name, exc_info=exc)
+        for item in items:
+            item.future.set_exception(exc)
+
+    def _finish(self, items: list[_Item], vectors: np.ndarray, started: float) -> None:
+        for item, vector in zip(items, vectors, strict=True):
+            item.future.set_result(vector)
+        if self._on_batch is not None:
+            done = time.monotonic()
+            self._on_batch(
+                BatchStats(
+                    model=items[0].model.name,
+                    rows=len(items),
+                    real_tokens=sum(len(i.ids) for i in items),
+                    padded_tokens=len(items) * max(len(i.ids) for i in items),
+                    queue_seconds=started - min(i.enqueued_at for i in items),
+                    compute_seconds=done - started,
                 )
+            )

@@ -81,9 +81,9 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 def best_coretype(flags: set[str]) -> str | None:
     """The OpenBLAS x86-64 core with the widest sgemm kernels these CPU flags run."""
-    if _AVX512_FLAGS <= flags:
+    if flags >= _AVX512_FLAGS:
         return "SkylakeX"
-    if {"avx2", "fma"} <= flags:
+    if flags >= {"avx2", "fma"}:
         return "Haswell"
     return None
 
@@ -132,10 +132,11 @@ def should_reexec(env: Mapping[str, str]) -> Path | None:
     library = openblas_library()
     if library is None or mlx_uses_gpu():
         return None
-    if openblas_loaded():
-        # Preloaded by hand: re-exec only to fix a generic-core fallback.
-        if CORETYPE in env or coretype_override(openblas_corename(library), cpu_flags()) is None:
-            return None
+    # Preloaded by hand: re-exec only to fix a generic-core fallback.
+    if openblas_loaded() and (
+        CORETYPE in env or coretype_override(openblas_corename(library), cpu_flags()) is None
+    ):
+        return None
     return library
 
 

@@ -159,7 +159,7 @@ class Model(nn.Module):
     def encode(self, input_ids: mx.array, lengths: mx.array) -> mx.array:
         h = self.embeddings(input_ids)
         bias = None
-        if int(lengths.min().item()) < input_ids.shape[1]:
+        if bool((lengths < input_ids.shape[1]).any()):
             # (B, 1, 1, L) additive: every query attends to the real keys of its row.
             keep = padding_mask(lengths, input_ids.shape[1])[:, None, None, :]
             bias = mx.where(keep, 0.0, -mx.inf).astype(h.dtype)
