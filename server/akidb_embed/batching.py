@@ -3,7 +3,7 @@
 Callers (any thread, any event loop) submit one tokenised text at a time and get a
 `concurrent.futures.Future` for its pooled vector. The thread groups pending texts per model
 into batches bounded by a token budget (padded tokens = rows x longest row), sorted by length
-so little compute goes to padding. Interactive work (a query of a few texts) has its own
+so little compute goes to padding: bulk work is taken several batches at a time to sort. Interactive work (a query of a few texts) has its own
 lane that is served before bulk work, so a query waits for at most the batch in progress,
 never behind a re-index backlog. There is no fill timer: a batch starts as soon as the
 thread is free, with whatever is queued. A cancelled future (caller gone, deadline passed) leaves
@@ -86,6 +86,12 @@ def plan_batches(
     return batches
 
 
+# A bulk window spans this many batches, so that sorting by length has something to sort
+# (measured: 36% of a short-text stream's tokens were padding with one-batch windows).
+# Its batches wait, planned, and start one at a time, each after the interactive lane.
+BULK_WINDOW_BATCHES = 8
+
+
 class ComputeWorker:
     def __init__(
         self,
@@ -107,6 +113,8 @@ class ComputeWorker:
         self._interactive: dict[str, deque[_Item]] = {}
         self._bulk: dict[str, deque[_Item]] = {}
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        # Planned bulk batches not yet started (taken from the queue, sorted by length).
+        self._ready: deque[list[_Item]] = deque()
         self._queued_tokens = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="mlx-compute", daemon=True)
@@ -128,7 +136,8 @@ class ComputeWorker:
     @property
     def queued_items(self) -> int:
         with self._cond:
-            return sum(len(q) for lane in self._lanes for q in lane.values())
+            planned = sum(len(batch) for batch in self._ready)
+            return planned + sum(len(q) for lane in self._lanes for q in lane.values())
 
     @property
     def _lanes(self) -> tuple[dict[str, deque[_Item]], ...]:
@@ -153,16 +162,11 @@ class ComputeWorker:
             self._cond.notify()
         return future
 
-    def _take_window(self) -> list[_Item]:
-        """Pop the oldest items of the next model, about one batch's worth (lock held):
-        the interactive lane first, then bulk."""
-        for lane in self._lanes:
-            window = self._take_from(lane)
-            if window:
-                return window
-        return []
+    def _take_from(self, queues: dict[str, deque[_Item]], batches: int) -> list[_Item]:
+        """(lock held) Pop the oldest items of the next model, up to `batches` batches' worth.
 
-    def _take_from(self, queues: dict[str, deque[_Item]]) -> list[_Item]:
+        Items are marked running only when their batch starts, so a caller that gives up
+        while its item waits in a planned batch still costs no compute."""
         for name in list(queues):
             queue = queues[name]
             if not queue:
@@ -171,17 +175,38 @@ class ComputeWorker:
             queues[name] = queues.pop(name)
             window: list[_Item] = []
             tokens = 0
-            while queue and tokens < self.max_batch_tokens and len(window) < self.max_batch_size:
+            while (
+                queue
+                and tokens < batches * self.max_batch_tokens
+                and len(window) < batches * self.max_batch_size
+            ):
                 item = queue.popleft()
                 self._queued_tokens -= len(item.ids)
-                if item.future.set_running_or_notify_cancel():
+                if not item.future.cancelled():
                     window.append(item)
                     tokens += len(item.ids)
             return window
         return []
 
+    def _plan(self, window: list[_Item]) -> list[list[_Item]]:
+        lengths = [len(item.ids) for item in window]
+        plan = plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)
+        return [[window[i] for i in indices] for indices in plan]
+
+    def _next_batch(self) -> list[_Item]:
+        """(lock held) The interactive lane first; then the planned bulk batches; then plan
+        a new bulk window."""
+        window = self._take_from(self._interactive, 1)
+        if window:
+            first, *rest = self._plan(window)
+            self._ready.extendleft(reversed(rest))
+            return first
+        if not self._ready:
+            self._ready.extend(self._plan(self._take_from(self._bulk, BULK_WINDOW_BATCHES)))
+        return self._ready.popleft() if self._ready else []
+
     def _has_items(self) -> bool:
-        return any(q for lane in self._lanes for q in lane.values())
+        return bool(self._ready) or any(q for lane in self._lanes for q in lane.values())
 
     def _pool_full(self) -> bool:
         return self.pool is not None and self._in_flight >= self._max_in_flight
@@ -189,26 +214,28 @@ class ComputeWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while (
-                    not self._jobs
-                    and not self._stopping
-                    and (not self._has_items() or self._pool_full())
+                while not self._jobs and (
+                    (self._has_items() and self._pool_full())
+                    or (not self._has_items() and not self._stopping)
                 ):
                     self._cond.wait()
+                job: tuple[Callable[[], Any], Future[Any]] | None = None
+                batch: list[_Item] = []
                 if self._jobs:
-                    job: tuple[Callable[[], Any], Future[Any]] | None = self._jobs.popleft()
-                    window: list[_Item] = []
-                else:
-                    job = None
-                    window = [] if self._pool_full() else self._take_window()
-                    if not window and self._stopping:
-                        while self._in_flight:  # let the pool's batches finish
-                            self._cond.wait()
-                        return
+                    job = self._jobs.popleft()
+                elif self._has_items():
+                    batch = self._next_batch()
+                else:  # stopping, and nothing left to start
+                    while self._in_flight:  # let the pool's batches finish
+                        self._cond.wait()
+                    return
             if job is not None:
                 self._run_job(*job)
-            elif window:
-                self._run_window(window)
+                continue
+            # Callers that gave up while the batch was planned leave it here.
+            items = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if items:
+                self._run_batch(items)
 
     @staticmethod
     def _run_job(fn: Callable[[], Any], future: Future[Any]) -> None:
@@ -219,20 +246,17 @@ class ComputeWorker:
         except BaseException as exc:
             future.set_exception(exc)
 
-    def _run_window(self, window: list[_Item]) -> None:
-        lengths = [len(item.ids) for item in window]
-        for indices in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-            items = [window[i] for i in indices]
-            if self.pool is not None:
-                self._dispatch(self.pool, items)
-                continue
-            started = time.monotonic()
-            try:
-                vectors = items[0].model.forward([item.ids for item in items])
-            except Exception as exc:
-                self._fail(items, exc)
-                continue
-            self._finish(items, vectors, started)
+    def _run_batch(self, items: list[_Item]) -> None:
+        if self.pool is not None:
+            self._dispatch(self.pool, items)
+            return
+        started = time.monotonic()
+        try:
+            vectors = items[0].model.forward([item.ids for item in items])
+        except Exception as exc:
+            self._fail(items, exc)
+            return
+        self._finish(items, vectors, started)
 
     def _dispatch(self, pool: WorkerPool, items: list[_Item]) -> None:
         """Hand a batch to a worker process; its results arrive on the pool's thread."""

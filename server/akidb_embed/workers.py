@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import threading
@@ -43,12 +44,25 @@ class ModelSpec:
     revision: str
 
 
-def default_processes() -> int:
-    """One per core this process may run on."""
+def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """The CPUs a cgroup v2 quota allows (a container's CPU limit), or None if unlimited."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def default_processes() -> int:
+    """One per core this process may use: its CPU affinity, capped by a container's quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
+    return max(1, cores)
 
 
 def default_workers(on_gpu: bool) -> int:
@@ -78,6 +92,7 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
     # pipe closes), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     blas.set_openblas_threads(blas_threads)
+
     from .loader import load_engine
 
     engines: dict[str, Any] = {}
