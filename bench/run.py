@@ -50,7 +50,7 @@ def parity(got: np.ndarray, expected: np.ndarray) -> dict[str, float]:
 
 
 def short_texts(passages: Sequence[str], count: int) -> list[str]:
-    words = [" ".join(p.split()[:8]) for p in passages]
+    words = [" ".join(p.split()[:5]) for p in passages]
     return [words[i % len(words)] for i in range(count)]
 
 

@@ -41,9 +41,7 @@ def test_gelu_saturates_exactly_to_relu_for_large_inputs() -> None:
 def test_gelu_works_on_every_shape_and_keeps_other_dtypes() -> None:
     for shape in [(1,), (3, 5), (2, 7, 11)]:
         x = mx.random.normal(shape)
-        np.testing.assert_allclose(
-            np.array(fast_math.gelu(x)), exact_gelu(np.array(x)), atol=2e-6
-        )
+        np.testing.assert_allclose(np.array(fast_math.gelu(x)), exact_gelu(np.array(x)), atol=2e-6)
     half = mx.array([0.5, -1.0, 2.0], dtype=mx.float16)
     assert fast_math.gelu(half).dtype == mx.float16
 
