@@ -21,9 +21,11 @@ else
 EXTRAS := $(MLX_BACKEND),dev
 endif
 
-# MLX's CPU backend resolves `libblas` at process start: preload Debian's OpenBLAS
-# (installed by `make setup`) for tests and benchmarks. Empty, and harmless, elsewhere.
-WITH_BLAS = LD_PRELOAD="$$(ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 2>/dev/null | head -n1)"
+# MLX's CPU backend resolves `libblas` at process start: run tests and benchmarks with
+# Debian's OpenBLAS (installed by `make setup`) preloaded, and its kernels chosen for this
+# CPU (server/akidb_embed/blas.py; `akidb-embed serve` does the same by itself). Elsewhere
+# it runs the command unchanged.
+WITH_BLAS = $(PY) -m akidb_embed.blas
 
 SETUP_STAMP := $(VENV)/.setup-stamp
 REFERENCE_STAMP := $(VENV)/.reference-stamp

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .blas import describe_cpu_blas
+
 
 def describe_backend() -> str:
     if mx.metal.is_available():
@@ -15,13 +17,5 @@ def describe_backend() -> str:
 
 
 def blas_name() -> str:
-    """The BLAS library mapped into this process (MLX's CPU matmuls go through it)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            text = maps.read()
-    except OSError:
-        return "unknown blas"
-    # numpy's wheel maps its own OpenBLAS too: look for the one MLX resolves `libblas` to.
-    if "openblas-pthread/libblas.so" in text or "openblas-openmp/libblas.so" in text:
-        return "openblas"
-    return "reference blas: install libopenblas0-pthread for ~50x faster matmuls"
+    """The BLAS MLX's CPU matmuls go through, and its kernels (see blas.py)."""
+    return describe_cpu_blas()

@@ -3,11 +3,15 @@
 Callers (any thread, any event loop) submit one tokenised text at a time and get a
 `concurrent.futures.Future` for its pooled vector. The thread groups pending texts per model
 into batches bounded by a token budget (padded tokens = rows x longest row), sorted by length
-so little compute goes to padding. Interactive work (a query of a few texts) has its own
+so little compute goes to padding: bulk work is taken several batches at a time to sort. Interactive work (a query of a few texts) has its own
 lane that is served before bulk work, so a query waits for at most the batch in progress,
 never behind a re-index backlog. There is no fill timer: a batch starts as soon as the
 thread is free, with whatever is queued. A cancelled future (caller gone, deadline passed) leaves
 the queue without costing compute. Model loads run on the same thread, between batches.
+
+With a `WorkerPool` (workers.py), the thread hands each batch to an engine worker process
+instead of running it, one batch per process, and takes the next window as soon as a
+process is free: N cores stay busy, and a query still waits for at most the batch in progress.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,21 +97,35 @@ def plan_batches(
     return batches
 
 
+# A bulk window spans this many batches, so that sorting by length has something to sort
+# (measured: 36% of a short-text stream's tokens were padding with one-batch windows).
+# Its batches wait, planned, and start one at a time, each after the interactive lane.
+BULK_WINDOW_BATCHES = 8
+
+
 class ComputeWorker:
     def __init__(
         self,
         max_batch_tokens: int = 8192,
         max_batch_size: int = 64,
         on_batch: Callable[[BatchStats], None] | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self._on_batch = on_batch
+        self.pool = pool
+        # Batches handed to the pool and not finished: one per process, so a query waits for
+        # at most the batch in progress (the next is chosen only when a process is free).
+        self._in_flight = 0
+        self._max_in_flight = pool.processes if pool is not None else 0
         self._cond = threading.Condition()
         # Per lane, per model: FIFO queues. Interactive is always served first.
         self._interactive: dict[str, deque[_Item]] = {}
         self._bulk: dict[str, deque[_Item]] = {}
         self._jobs: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        # Planned bulk batches not yet started (taken from the queue, sorted by length).
+        self._ready: deque[list[_Item]] = deque()
         self._queued_tokens = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="mlx-compute", daemon=True)
@@ -126,7 +147,8 @@ class ComputeWorker:
     @property
     def queued_items(self) -> int:
         with self._cond:
-            return sum(len(q) for lane in self._lanes for q in lane.values())
+            planned = sum(len(batch) for batch in self._ready)
+            return planned + sum(len(q) for lane in self._lanes for q in lane.values())
 
     @property
     def _lanes(self) -> tuple[dict[str, deque[_Item]], ...]:
@@ -151,16 +173,11 @@ class ComputeWorker:
             self._cond.notify()
         return future
 
-    def _take_window(self) -> list[_Item]:
-        """Pop the oldest items of the next model, about one batch's worth (lock held):
-        the interactive lane first, then bulk."""
-        for lane in self._lanes:
-            window = self._take_from(lane)
-            if window:
-                return window
-        return []
+    def _take_from(self, queues: dict[str, deque[_Item]], batches: int) -> list[_Item]:
+        """(lock held) Pop the oldest items of the next model, up to `batches` batches' worth.
 
-    def _take_from(self, queues: dict[str, deque[_Item]]) -> list[_Item]:
+        Items are marked running only when their batch starts, so a caller that gives up
+        while its item waits in a planned batch still costs no compute."""
         for name in list(queues):
             queue = queues[name]
             if not queue:
@@ -169,35 +186,67 @@ class ComputeWorker:
             queues[name] = queues.pop(name)
             window: list[_Item] = []
             tokens = 0
-            while queue and tokens < self.max_batch_tokens and len(window) < self.max_batch_size:
+            while (
+                queue
+                and tokens < batches * self.max_batch_tokens
+                and len(window) < batches * self.max_batch_size
+            ):
                 item = queue.popleft()
                 self._queued_tokens -= len(item.ids)
-                if item.future.set_running_or_notify_cancel():
+                if not item.future.cancelled():
                     window.append(item)
                     tokens += len(item.ids)
             return window
         return []
 
+    def _plan(self, window: list[_Item]) -> list[list[_Item]]:
+        lengths = [len(item.ids) for item in window]
+        plan = plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)
+        return [[window[i] for i in indices] for indices in plan]
+
+    def _next_batch(self) -> list[_Item]:
+        """(lock held) The interactive lane first; then the planned bulk batches; then plan
+        a new bulk window."""
+        window = self._take_from(self._interactive, 1)
+        if window:
+            first, *rest = self._plan(window)
+            self._ready.extendleft(reversed(rest))
+            return first
+        if not self._ready:
+            self._ready.extend(self._plan(self._take_from(self._bulk, BULK_WINDOW_BATCHES)))
+        return self._ready.popleft() if self._ready else []
+
     def _has_items(self) -> bool:
-        return any(q for lane in self._lanes for q in lane.values())
+        return bool(self._ready) or any(q for lane in self._lanes for q in lane.values())
+
+    def _pool_full(self) -> bool:
+        return self.pool is not None and self._in_flight >= self._max_in_flight
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._has_items() and not self._stopping:
+                while not self._jobs and (
+                    (self._has_items() and self._pool_full())
+                    or (not self._has_items() and not self._stopping)
+                ):
                     self._cond.wait()
+                job: tuple[Callable[[], Any], Future[Any]] | None = None
+                batch: list[_Item] = []
                 if self._jobs:
-                    job: tuple[Callable[[], Any], Future[Any]] | None = self._jobs.popleft()
-                    window: list[_Item] = []
-                else:
-                    job = None
-                    window = self._take_window()
-                    if not window and self._stopping:
-                        return
+                    job = self._jobs.popleft()
+                elif self._has_items():
+                    batch = self._next_batch()
+                else:  # stopping, and nothing left to start
+                    while self._in_flight:  # let the pool's batches finish
+                        self._cond.wait()
+                    return
             if job is not None:
                 self._run_job(*job)
-            elif window:
-                self._run_window(window)
+                continue
+            # Callers that gave up while the batch was planned leave it here.
+            items = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if items:
+                self._run_batch(items)
 
     @staticmethod
     def _run_job(fn: Callable[[], Any], future: Future[Any]) -> None:
@@ -208,30 +257,57 @@ class ComputeWorker:
         except BaseException as exc:
             future.set_exception(exc)
 
-    def _run_window(self, window: list[_Item]) -> None:
-        lengths = [len(item.ids) for item in window]
-        for indices in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-            items = [window[i] for i in indices]
-            model = items[0].model
-            started = time.monotonic()
+    def _run_batch(self, items: list[_Item]) -> None:
+        if self.pool is not None:
+            self._dispatch(self.pool, items)
+            return
+        started = time.monotonic()
+        try:
+            vectors = items[0].model.forward([item.ids for item in items])
+        except Exception as exc:
+            self._fail(items, exc)
+            return
+        self._finish(items, vectors, started)
+
+    def _dispatch(self, pool: WorkerPool, items: list[_Item]) -> None:
+        """Hand a batch to a worker process; its results arrive on the pool's thread."""
+        with self._cond:
+            self._in_flight += 1
+        started = time.monotonic()
+        future = pool.submit(items[0].model.name, [item.ids for item in items])
+
+        def done(future: Future[np.ndarray]) -> None:
             try:
-                vectors = model.forward([item.ids for item in items])
-            except Exception as exc:
-                log.exception("batch of %d on %s failed", len(items), model.name)
-                for item in items:
-                    item.future.set_exception(exc)
-                continue
-            for item, vector in zip(items, vectors, strict=True):
-                item.future.set_result(vector)
-            if self._on_batch is not None:
-                done = time.monotonic()
-                self._on_batch(
-                    BatchStats(
-                        model=model.name,
-                        rows=len(items),
-                        real_tokens=sum(len(i.ids) for i in items),
-                        padded_tokens=len(items) * max(len(i.ids) for i in items),
-                        queue_seconds=started - min(i.enqueued_at for i in items),
-                        compute_seconds=done - started,
-                    )
+                error = future.exception()
+                if error is None:
+                    self._finish(items, future.result(), started)
+                else:
+                    self._fail(items, error)
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
+                    self._cond.notify_all()
+
+        future.add_done_callback(done)
+
+    @staticmethod
+    def _fail(items: list[_Item], exc: BaseException) -> None:
+        log.error("batch of %d on %s failed", len(items), items[0].model.name, exc_info=exc)
+        for item in items:
+            item.future.set_exception(exc)
+
+    def _finish(self, items: list[_Item], vectors: np.ndarray, started: float) -> None:
+        for item, vector in zip(items, vectors, strict=True):
+            item.future.set_result(vector)
+        if self._on_batch is not None:
+            done = time.monotonic()
+            self._on_batch(
+                BatchStats(
+                    model=items[0].model.name,
+                    rows=len(items),
+                    real_tokens=sum(len(i.ids) for i in items),
+                    padded_tokens=len(items) * max(len(i.ids) for i in items),
+                    queue_seconds=started - min(i.enqueued_at for i in items),
+                    compute_seconds=done - started,
                 )
+            )

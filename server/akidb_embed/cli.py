@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from .blas import ensure_fast_blas, mlx_uses_gpu
 from .logs import configure_logging
 from .model_cache import human_size
 from .registry import DEFAULT_MODEL
@@ -19,6 +20,7 @@ from .server import ServerConfig, run_server
 from .service import Limits
 from .store_cli import add_pull_parser, add_rm_parser, run_models, run_pull, run_rm
 from .unix_socket import SocketInUse, default_socket_path
+from .workers import default_batch_tokens, default_workers
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host", default="127.0.0.1", help="metrics bind address (default loopback)"
     )
     limits = serve.add_argument_group("batching and limits")
-    limits.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens/batch")
+    limits.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="padded tokens per batch (default: 512 on CPU, where batches that fit the cache "
+        "are fastest; 8192 on a GPU)",
+    )
+    limits.add_argument(
+        "--workers",
+        type=int,
+        help="engine worker processes, each with its own copy of the models (default: one per "
+        "core on CPU, 0 on a GPU; 0 runs the models in the server process)",
+    )
     limits.add_argument("--max-batch-size", type=int, default=64, help="texts per batch")
     limits.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
     limits.add_argument("--max-chars-per-text", type=int, default=Limits.max_chars_per_text)
@@ -145,7 +158,10 @@ def explain(error: Exception, target: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # First: on Linux CPU this may re-execute the process with OpenBLAS preloaded.
+    ensure_fast_blas()
     configure_logging(args.log_level, args.log_format)
+    on_gpu = mlx_uses_gpu()
     if args.no_socket and args.port is None:
         return fail("--no-socket needs --port")
     names: list[str] = []
@@ -165,7 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         local_model_dirs=local_dirs,
         socket_mode=int(args.socket_mode, 8),
         grace_seconds=args.grace,
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=args.max_batch_tokens or default_batch_tokens(on_gpu),
+        workers=args.workers if args.workers is not None else default_workers(on_gpu),
         max_batch_size=args.max_batch_size,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,

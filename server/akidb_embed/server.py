@@ -28,6 +28,7 @@ from .residency import ModelBudget
 from .service import EmbeddingService, Limits
 from .servicer import EmbeddingServicer
 from .unix_socket import prepare_socket_path
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -55,6 +56,8 @@ class ServerConfig:
     # Prometheus `/metrics` over HTTP when set (0 picks a free port).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Engine worker processes (workers.py); 0 runs the models in this process.
+    workers: int = 0
 
 
 @contextlib.contextmanager
@@ -74,8 +77,12 @@ class EmbeddingServer:
         for directory in config.local_model_dirs:
             self.registry.add_local(directory)
         self.metrics = Metrics()
+        self.pool = WorkerPool(config.workers) if config.workers > 0 else None
         self.worker = ComputeWorker(
-            config.max_batch_tokens, config.max_batch_size, on_batch=self.metrics.observe_batch
+            config.max_batch_tokens,
+            config.max_batch_size,
+            on_batch=self.metrics.observe_batch,
+            pool=self.pool,
         )
         self.service = EmbeddingService(
             self.registry,
@@ -129,7 +136,11 @@ class EmbeddingServer:
         await self._set_all(SERVING)
         if self.config.budget.keep_alive_seconds:
             self._reaper = asyncio.create_task(self._unload_idle_models())
-        log.info("SERVING (backend: %s)", describe_backend())
+        log.info(
+            "SERVING (backend: %s, %s)",
+            describe_backend(),
+            f"{self.pool.processes} engine worker processes" if self.pool else "in-process engine",
+        )
 
     async def _model_changed(self, name: str, serving: bool) -> None:
         if not self._stopped.is_set():
@@ -169,6 +180,8 @@ class EmbeddingServer:
             self._reaper.cancel()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await asyncio.to_thread(self.worker.stop)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         if self.config.socket_path is not None:

@@ -30,6 +30,7 @@ from .loader import load_engine
 from .metrics import Metrics
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
+from .workers import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class EmbeddingService:
 
     async def unload(self, name: str) -> None:
         self.residents.remove(name)
+        if self.worker.pool is not None:
+            await asyncio.to_thread(self.worker.pool.unload, name)
         # Give the freed buffers back; MLX keeps a cache otherwise.
         await asyncio.wrap_future(self.worker.call(mx.clear_cache))
         log.info("unloaded model %s", name)
@@ -188,6 +191,9 @@ class EmbeddingService:
                     "(NaN or inf) on a warm-up text: its weights are damaged; "
                     "delete the model and pull it again"
                 )
+            if self.worker.pool is not None:
+                spec = ModelSpec(entry.name, located.directory, entry.source, located.revision)
+                self.worker.pool.load(spec)
             return engine
 
         try:

@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fast_math
 from .base import padding_mask
 
 
@@ -34,7 +35,8 @@ class ModelArgs:
 
 
 _ACTIVATIONS = {
-    "gelu": nn.gelu,
+    # Exact (erf) GELU from mul/add/div: MLX's CPU erf is one element at a time.
+    "gelu": fast_math.gelu,
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
     "relu": nn.relu,
@@ -69,14 +71,22 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(args.hidden_size, args.hidden_size)
         self.value = nn.Linear(args.hidden_size, args.hidden_size)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, bias: mx.array | None) -> mx.array:
         b, n, _ = x.shape
 
         def heads(t: mx.array) -> mx.array:
             return t.reshape(b, n, self.n_heads, -1).transpose(0, 2, 1, 3)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # Scaling q also lays it out contiguously for the matmul.
+        q = heads(self.query(x)) * self.scale
+        k, v = heads(self.key(x)), heads(self.value(x))
+        scores = q @ k.swapaxes(-1, -2)
+        if bias is not None:
+            scores = scores + bias
+        # sdpa's CPU path masks with `where` and runs MLX's scalar exp; this is ~3x faster.
+        # Normalising after the value product divides (B, H, L, d), not (B, H, L, L).
+        e, sums = fast_math.softmax_parts(scores)
+        out = (e @ v) / sums
         return out.transpose(0, 2, 1, 3).reshape(b, n, -1)
 
 
@@ -98,8 +108,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(args)
         self.output = DenseNorm(args.hidden_size, args.hidden_size, args.layer_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        return self.output(self.self(x, mask), x)
+    def __call__(self, x: mx.array, bias: mx.array | None) -> mx.array:
+        return self.output(self.self(x, bias), x)
 
 
 class Intermediate(nn.Module):
@@ -114,7 +124,9 @@ class Intermediate(nn.Module):
         self.act = _ACTIVATIONS[args.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.act(self.dense(x))
+        # Not nn.Linear's addmm: on CPU it fills the wide output with the broadcast bias
+        # first, slowly (+50% on this matmul); an add after the product is ~0.5 ns a value.
+        return self.act((x @ self.dense.weight.T) + self.dense.bias)
 
 
 class Layer(nn.Module):
@@ -124,8 +136,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(args)
         self.output = DenseNorm(args.intermediate_size, args.hidden_size, args.layer_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        h = self.attention(x, mask)
+    def __call__(self, x: mx.array, bias: mx.array | None) -> mx.array:
+        h = self.attention(x, bias)
         return self.output(self.intermediate(h), h)
 
 
@@ -147,11 +159,14 @@ class Model(nn.Module):
         return self.args.max_position_embeddings
 
     def encode(self, input_ids: mx.array, lengths: mx.array) -> mx.array:
-        # (B, 1, 1, L): every query attends to the real keys of its row.
-        mask = padding_mask(lengths, input_ids.shape[1])[:, None, None, :]
         h = self.embeddings(input_ids)
+        bias = None
+        if bool((lengths < input_ids.shape[1]).any()):
+            # (B, 1, 1, L) additive: every query attends to the real keys of its row.
+            keep = padding_mask(lengths, input_ids.shape[1])[:, None, None, :]
+            bias = mx.where(keep, 0.0, -mx.inf).astype(h.dtype)
         for layer in self.encoder.layer:
-            h = layer(h, mask)
+            h = layer(h, bias)
         return h
 
 

@@ -1,0 +1,75 @@
+"""The MLX engine without gRPC: in this process, and in engine worker processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from akidb_embed.batching import plan_batches
+from akidb_embed.engine import EmbeddingEngine
+from akidb_embed.workers import ModelSpec, WorkerPool
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    texts_per_second: float
+    tokens_per_second: float
+    seconds: float
+    padded_fraction: float
+    embeddings: np.ndarray
+
+
+def _batches(ids: Sequence[Sequence[int]], max_batch_tokens: int) -> list[list[int]]:
+    return plan_batches([len(x) for x in ids], max_batch_tokens, 64)
+
+
+def _padded_fraction(ids: Sequence[Sequence[int]], batches: list[list[int]]) -> float:
+    real = sum(len(x) for x in ids)
+    padded = sum(len(b) * max(len(ids[i]) for i in b) for b in batches)
+    return 1 - real / padded
+
+
+def run_in_process(
+    engine: EmbeddingEngine, ids: Sequence[Sequence[int]], max_batch_tokens: int
+) -> EngineRun:
+    batches = _batches(ids, max_batch_tokens)
+    out = np.zeros((len(ids), engine.profile.dimensions), np.float32)
+    engine.forward([ids[i] for i in batches[0]])  # compile this shape's kernels
+    started = time.perf_counter()
+    for batch in batches:
+        out[batch] = engine.forward([ids[i] for i in batch])
+    seconds = time.perf_counter() - started
+    tokens = sum(len(x) for x in ids)
+    return EngineRun(
+        len(ids) / seconds, tokens / seconds, seconds, _padded_fraction(ids, batches), out
+    )
+
+
+def run_pool(
+    spec: ModelSpec,
+    ids: Sequence[Sequence[int]],
+    dimensions: int,
+    max_batch_tokens: int,
+    processes: int,
+) -> EngineRun:
+    batches = _batches(ids, max_batch_tokens)
+    out = np.zeros((len(ids), dimensions), np.float32)
+    with WorkerPool(processes) as pool:
+        pool.load(spec)
+        started = time.perf_counter()
+        futures = [(b, pool.submit(spec.name, [ids[i] for i in b])) for b in batches]
+        for batch, future in futures:
+            out[batch] = future.result()
+        seconds = time.perf_counter() - started
+    tokens = sum(len(x) for x in ids)
+    return EngineRun(
+        len(ids) / seconds, tokens / seconds, seconds, _padded_fraction(ids, batches), out
+    )
+
+
+def model_spec(name: str, directory: Path) -> ModelSpec:
+    return ModelSpec(name=name, directory=directory, source=name, revision="bench")

@@ -1,0 +1,79 @@
+"""Progress lines while measuring, and the final table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def step(self, what: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {what}", file=sys.stderr, flush=True)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def table(r: dict[str, Any]) -> str:
+    c = r["corpus"]
+    lines = [
+        f"akidb-embed bench: {r['model']} on {r['machine']['cpu']} "
+        f"({r['machine']['cores']} cores), backend {r['server']['backend']}",
+        f"corpus: {c['count']} stdlib docstring passages, {c['total_tokens']} tokens; tokens "
+        f"per text mean {c['mean']:.1f}, p10 {c['p10']}, p50 {c['p50']}, p90 {c['p90']}, "
+        f"p99 {c['p99']}, max {c['max']} ({c['truncated']} at the limit)",
+        "",
+        f"{'':44s} {'texts/s':>9s} {'tokens/s':>9s} {'vs ST':>6s} {'min cos':>10s} {'max abs':>8s}",
+    ]
+    rows = [
+        ("sentence_transformers", "sentence-transformers in-process (torch)"),
+        ("engine_in_process", "MLX engine in-process, no gRPC"),
+        ("engine_workers", "MLX engine workers, no gRPC"),
+        ("served_stream", "served: EmbedStream, Unix socket"),
+        ("served_embed_64", "served: Embed, batches of 64"),
+        ("served_8_clients", "served: 8 clients, Embed x64"),
+    ]
+    for key, label in rows:
+        if key not in r:
+            continue
+        e = r[key]
+        ratio = f"{e['vs_sentence_transformers']:.2f}x" if "vs_sentence_transformers" in e else ""
+        p = e.get("parity", {})
+        cos = f"{p['min_cosine']:.7f}" if p else ""
+        err = f"{p['max_abs_error']:.1e}" if p else ""
+        lines.append(
+            f"{label:44s} {e['texts_per_second']:9.1f} {e['tokens_per_second']:9.0f} "
+            f"{ratio:>6s} {cos:>10s} {err:>8s}"
+        )
+    li, ll = r["latency_idle"], r["latency_under_load"]
+    fb = r["flop_bound"]
+    rss = r["rss"]
+    lines += [
+        "",
+        f"query latency (1 text, Embed): idle p50 {li['p50_ms']:.1f} ms, p99 {li['p99_ms']:.1f} ms;"
+        f" during a bulk stream p50 {ll['p50_ms']:.1f} ms, p99 {ll['p99_ms']:.1f} ms "
+        f"(bulk meanwhile {ll['bulk_texts_per_second']:.0f} texts/s)",
+        f"FLOP bound: {fb['matmul_gflop']:.0f} GFLOP of matmuls / {fb['gemm_gflops']:.0f} GFLOP/s "
+        f"fp32 GEMM = {fb['bound_texts_per_second']:.0f} texts/s; reached: "
+        + ", ".join(
+            f"{k} {r[k]['fraction_of_flop_bound']:.0%}"
+            for k in ("sentence_transformers", "engine_workers", "served_stream")
+            if k in r
+        ),
+        f"server RSS: {_mib(rss['before_bytes'])} before, {_mib(rss['after_bytes'])} after "
+        f"streaming {rss['texts']} short texts ({rss['growth_fraction']:+.1%}; "
+        f"{rss['texts_per_second']:.0f} texts/s)",
+        "wire, per vector: "
+        + "; ".join(
+            f"{w['dimensions']}-dim packed bytes encode {w['packed_encode_us']:.1f} us / decode "
+            f"{w['packed_decode_us']:.1f} us, repeated float {w['repeated_encode_us']:.1f} / "
+            f"{w['repeated_decode_us']:.1f} us"
+            for w in r["wire"]
+        ),
+    ]
+    return "\n".join(lines)

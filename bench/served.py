@@ -1,0 +1,192 @@
+"""The real server, started as `akidb-embed serve --socket PATH`, measured through the Python
+client over the Unix socket."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+from grpc_health.v1 import health_pb2
+
+from akidb_embed_client import EmbedClient
+
+
+class ServerProcess:
+    """`python -m akidb_embed serve` in a child process; the context stops it."""
+
+    def __init__(self, socket: Path, log: Path, args: Sequence[str], env: dict[str, str]) -> None:
+        self.socket = socket
+        self.log = log
+        command = [sys.executable, "-m", "akidb_embed", "serve", "--socket", str(socket)]
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [*command, "--log-level", "WARNING", *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_serving(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: see {self.log}:\n{self.log.read_text()}")
+            if self.socket.exists():
+                try:
+                    with EmbedClient(str(self.socket), timeout=2) as client:
+                        if client.check() == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                except Exception:
+                    pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the server did not report SERVING in {timeout:.0f}s: see {self.log}")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and its engine worker processes."""
+        root = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+    def backend(self) -> str:
+        with EmbedClient(str(self.socket), timeout=10) as client:
+            return client.health().backend
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@dataclass(frozen=True)
+class Throughput:
+    texts_per_second: float
+    tokens_per_second: float
+    seconds: float
+    embeddings: np.ndarray
+
+
+def stream_bulk(target: str, texts: Sequence[str]) -> Throughput:
+    """All texts through one EmbedStream."""
+    with EmbedClient(target, timeout=3600) as client:
+        started = time.perf_counter()
+        results = list(client.embed_stream(texts))
+        seconds = time.perf_counter() - started
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} stream items failed, e.g. {errors[0]}")
+    vectors = np.stack([r.vector for r in results if r.vector is not None])
+    tokens = sum(r.token_count for r in results)
+    return Throughput(len(texts) / seconds, tokens / seconds, seconds, vectors)
+
+
+def embed_batches(target: str, texts: Sequence[str], batch: int = 64) -> Throughput:
+    """Unary Embed calls of `batch` texts, one after another."""
+    with EmbedClient(target, timeout=600) as client:
+        started = time.perf_counter()
+        results = [client.embed(texts[i : i + batch]) for i in range(0, len(texts), batch)]
+        seconds = time.perf_counter() - started
+    vectors = np.concatenate([r.vectors for r in results])
+    tokens = sum(sum(r.token_counts) for r in results)
+    return Throughput(len(texts) / seconds, tokens / seconds, seconds, vectors)
+
+
+def concurrent_clients(
+    target: str, texts: Sequence[str], clients: int = 8, batch: int = 64
+) -> Throughput:
+    """`clients` threads, each with its own channel, each embedding its share in batches."""
+    shares = [list(texts[i::clients]) for i in range(clients)]
+    with ThreadPoolExecutor(clients) as pool:
+        started = time.perf_counter()
+        runs = list(pool.map(lambda share: embed_batches(target, share, batch), shares))
+        seconds = time.perf_counter() - started
+    tokens = sum(r.tokens_per_second * r.seconds for r in runs)
+    vectors = np.zeros((len(texts), runs[0].embeddings.shape[1]), np.float32)
+    for i, run in enumerate(runs):
+        vectors[i::clients] = run.embeddings
+    return Throughput(len(texts) / seconds, tokens / seconds, seconds, vectors)
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p99_ms: float
+    count: int
+
+
+def query_latency(target: str, queries: Sequence[str]) -> Latency:
+    """Single-text Embed calls, one at a time."""
+    times = []
+    with EmbedClient(target, timeout=60) as client:
+        client.embed([queries[0]])
+        for query in queries:
+            started = time.perf_counter()
+            client.embed([query])
+            times.append(time.perf_counter() - started)
+    ms = np.array(times) * 1e3
+    return Latency(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(ms))
+
+
+def query_latency_under_load(
+    target: str, queries: Sequence[str], bulk: Sequence[str]
+) -> tuple[Latency, float]:
+    """Query latency while EmbedStream re-embeds `bulk` in a loop; also the bulk texts/s."""
+    stop = threading.Event()
+    done = [0]
+    ready = threading.Event()
+
+    def background() -> None:
+        with EmbedClient(target, timeout=3600) as client:
+
+            def items() -> object:
+                while not stop.is_set():
+                    yield from bulk
+
+            for _ in client.embed_stream(items()):  # type: ignore[arg-type]
+                done[0] += 1
+                if done[0] == 64:
+                    ready.set()
+                if stop.is_set():
+                    break
+
+    thread = threading.Thread(target=background, daemon=True)
+    thread.start()
+    ready.wait(120)
+    counted_from, started = done[0], time.perf_counter()
+    latency = query_latency(target, queries)
+    bulk_rate = (done[0] - counted_from) / (time.perf_counter() - started)
+    stop.set()
+    thread.join(120)
+    return latency, bulk_rate
+
+
+def rss_over_stream(server: ServerProcess, texts: Sequence[str]) -> tuple[int, int, float]:
+    """Server RSS before and after streaming `texts`, and the stream's texts/s."""
+    target = str(server.socket)
+    # One short stream first, so what the first batches allocate is in "before".
+    stream_bulk(target, texts[: min(len(texts), 2000)])
+    before = server.rss_bytes()
+    run = stream_bulk(target, texts)
+    return before, server.rss_bytes(), run.texts_per_second
+
+
+def repo_env(repo: Path) -> dict[str, str]:
+    """The environment for children: this checkout's packages first on the path."""
+    env = dict(os.environ)
+    paths = [str(repo / "server"), str(repo / "clients" / "python"), str(repo)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env

