@@ -3,15 +3,16 @@
 Callers (any thread, any event loop) submit one tokenised text at a time and get a
 `concurrent.futures.Future` for its pooled vector. The thread groups pending texts per model
 into batches bounded by a token budget (padded tokens = rows x longest row), sorted by length
-so little compute goes to padding: bulk work is taken several batches at a time to sort. Interactive work (a query of a few texts) has its own
-lane that is served before bulk work, so a query waits for at most the batch in progress,
-never behind a re-index backlog. There is no fill timer: a batch starts as soon as the
-thread is free, with whatever is queued. A cancelled future (caller gone, deadline passed) leaves
-the queue without costing compute. Model loads run on the same thread, between batches.
+so little compute goes to padding: bulk work is taken several batches at a time to sort.
+Interactive work (a query of a few texts) has its own lane that is served before bulk work,
+so a query waits for at most the batch in progress, never behind a re-index backlog. There
+is no fill timer: a batch starts as soon as the thread is free, with whatever is queued. A
+cancelled future (caller gone, deadline passed) leaves the queue without costing compute.
+Model loads run on the same thread, between batches.
 
 With a `WorkerPool` (workers.py), the thread hands each batch to an engine worker process
-instead of running it, one batch per process, and takes the next window as soon as a
-process is free: N cores stay busy, and a query still waits for at most the batch in progress.
+instead of running it, one batch per process, and starts the next as soon as a process is
+free: N cores stay busy, and a query still waits for at most the batch in progress.
 """
 
 from __future__ import annotations
