@@ -11,8 +11,8 @@ cancelled future (caller gone, deadline passed) leaves the queue without costing
 Model loads run on the same thread, between batches.
 
 With a `WorkerPool` (workers.py), the thread hands each batch to an engine worker process
-instead of running it, one batch per process, and takes the next window as soon as a
-process is free: N cores stay busy, and a query still waits for at most the batch in progress.
+instead of running it, one batch per process, and starts the next as soon as a process is
+free: N cores stay busy, and a query still waits for at most the batch in progress.
 """
 
 from __future__ import annotations
