@@ -23,7 +23,9 @@ def table(r: dict[str, Any]) -> str:
     c = r["corpus"]
     lines = [
         f"akidb-embed bench: {r['model']} on {r['machine']['cpu']} "
-        f"({r['machine']['cores']} cores), backend {r['server']['backend']}",
+        f"({r['machine']['cores']} cores), backend {r['server']['backend']}; load average "
+        f"{r['machine']['load_average_at_start'][0]:.1f} at start, "
+        f"{r['machine']['load_average_at_end'][0]:.1f} at end",
         f"corpus: {c['count']} stdlib docstring passages, {c['total_tokens']} tokens; tokens "
         f"per text mean {c['mean']:.1f}, p10 {c['p10']}, p50 {c['p50']}, p90 {c['p90']}, "
         f"p99 {c['p99']}, max {c['max']} ({c['truncated']} at the limit)",

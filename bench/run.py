@@ -217,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate = results[key]["texts_per_second"]
             results[key]["fraction_of_flop_bound"] = rate * bound_seconds / len(passages)
 
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(report.table(results))
