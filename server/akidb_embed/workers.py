@@ -3,7 +3,7 @@
 MLX's CPU backend runs each elementwise op (softmax, layer norm, GELU) on one thread, and
 OpenBLAS's threads speed up only the matmuls: one process with two BLAS threads keeps a
 2-core machine about half busy. N processes with one BLAS thread each keep N cores busy
-with all of the work (docs/performance.md has the numbers). Each process is its own MLX
+with all of the work (the README's Performance section has the numbers). Each process is its own MLX
 runtime, so "one thread owns all MLX work" holds per process: the worker's main thread.
 
 The pool speaks in token ids: `submit(model, batch)` sends a list of token-id lists to the
@@ -75,7 +75,7 @@ def default_workers(on_gpu: bool) -> int:
 
 def default_batch_tokens(on_gpu: bool) -> int:
     """Padded tokens per batch. On CPU a batch whose activations fit in the core's cache
-    is ~1.5x faster than an 8192-token one (docs/performance.md)."""
+    is ~1.5x faster than an 8192-token one (README, Performance)."""
     return 8192 if on_gpu else 512
 
 
