@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__)
     parser.add_argument("--texts", type=int, default=600)
     parser.add_argument("--reference-texts", type=int, default=40, help="for the slow first step")
+    parser.add_argument("--steps", default="", help="comma-separated step numbers (1-based)")
     args = parser.parse_args(argv)
     from . import corpus, reference
 
@@ -97,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
         st = reference.run_reference(texts, workdir)
         print(f"{'sentence-transformers (torch CPU)':55s} {st.texts_per_second:7.1f} texts/s")
-        for label, blas_mode, batch_tokens, kernels, workers in STEPS:
+        chosen = {int(n) for n in args.steps.split(",") if n} or set(range(1, len(STEPS) + 1))
+        for number, (label, blas_mode, batch_tokens, kernels, workers) in enumerate(STEPS, 1):
+            if number not in chosen:
+                continue
             subset = texts[: args.reference_texts] if "as shipped" in label else texts
             texts_file = workdir / f"texts-{len(subset)}.json"
             texts_file.write_text(json.dumps(subset))

@@ -217,4 +217,6 @@ async def run_server(config: ServerConfig) -> int:
         await server.stop(grace=0)
         return 1
     await server.wait()
+    # The gRPC server ends mid-stop(): let stop() finish (workers, socket, metrics).
+    await asyncio.gather(*stopping)
     return 0

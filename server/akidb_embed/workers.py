@@ -14,6 +14,7 @@ server. Each process holds its own copy of the weights.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -88,9 +89,10 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
 
     from . import blas
 
-    # Ctrl-C reaches the whole process group: the server decides when workers stop (its
-    # pipe closes), not the terminal.
+    # Ctrl-C, and systemd's SIGTERM, reach the whole process group: the server drains and
+    # then stops its workers itself (or its pipe closes when it dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     blas.set_openblas_threads(blas_threads)
 
     from .loader import load_engine
@@ -209,6 +211,7 @@ class _Worker:
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join(timeout)
         self._thread.join(timeout)
         self.conn.close()
 
@@ -223,6 +226,9 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._workers = [_Worker(i, blas_threads) for i in range(count)]
         self._models: dict[str, ModelSpec] = {}
+        # Before multiprocessing's own exit hook, which would wait for workers that ignore
+        # SIGTERM (registered later, runs earlier).
+        atexit.register(self.close)
 
     @property
     def processes(self) -> int:
@@ -271,6 +277,8 @@ class WorkerPool:
         return self.submit(model, batch).result()
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop every process (idempotent)."""
+        atexit.unregister(self.close)
         for worker in self._workers:
             worker.close(timeout)
 

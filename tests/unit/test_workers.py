@@ -95,3 +95,54 @@ def test_the_cgroup_quota_is_read(tmp_path: Path) -> None:
     cpu_max.write_text("max 100000\n")
     assert cgroup_cpu_limit(cpu_max) is None
     assert cgroup_cpu_limit(tmp_path / "absent") is None
+
+
+@needs_minilm
+@pytest.mark.parametrize("group", [False, True], ids=["server", "process-group"])
+def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -> None:
+    """kubelet signals the server; systemd signals the whole group. Either way the server
+    drains, stops its workers, and exits 0 (workers ignore the signal and wait for it)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from grpc_health.v1 import health_pb2
+
+    from akidb_embed_client import EmbedClient
+
+    repo = Path(__file__).resolve().parents[2]
+    socket = tmp_path / "embed.sock"
+    env = {**os.environ, "PYTHONPATH": f"{repo / 'server'}{os.pathsep}{repo / 'clients/python'}"}
+    command = [sys.executable, "-m", "akidb_embed", "serve", "--socket", str(socket)]
+    server = subprocess.Popen(
+        [*command, "--workers", "2"], env=env, start_new_session=True, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with EmbedClient(str(socket), timeout=2) as client:
+                    if client.check() == health_pb2.HealthCheckResponse.SERVING:
+                        assert client.embed(["a text"]).vectors.shape == (1, 384)
+                        break
+            except Exception:
+                time.sleep(0.2)
+        workers = [
+            p
+            for p in psutil.Process(server.pid).children()
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+        if group:
+            os.killpg(server.pid, signal.SIGTERM)
+        else:
+            server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0, server.stderr.read().decode() if server.stderr else ""
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+    finally:
+        if server.poll() is None:
+            server.kill()
