@@ -16,11 +16,11 @@ from .logs import configure_logging
 from .model_cache import human_size
 from .registry import DEFAULT_MODEL
 from .residency import ModelBudget
-from .server import ServerConfig, run_server
+from .server import DEFAULT_BULK_BATCH_MS, DEFAULT_BULK_FILL_MS, ServerConfig, run_server
 from .service import Limits
 from .store_cli import add_pull_parser, add_rm_parser, run_models, run_pull, run_rm
 from .unix_socket import SocketInUse, default_socket_path
-from .workers import default_batch_tokens, default_workers
+from .workers import Watchdog, default_batch_tokens, default_workers
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -87,19 +87,58 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--workers",
         type=int,
-        help="engine worker processes, each with its own copy of the models (default: one per "
-        "core on CPU, 0 on a GPU; 0 runs the models in the server process)",
+        help="engine worker processes, each with its own copy of the models, supervised: a "
+        "dead or hung one is replaced and its batch re-run (default: one per core on CPU, 1 "
+        "on a GPU; 0 runs the models in the server process, unsupervised)",
+    )
+    limits.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=Watchdog.min_seconds,
+        help="seconds a batch may take at least before its worker counts as hung (the limit "
+        "grows with the batch's size: 20x its expected time)",
+    )
+    limits.add_argument(
+        "--bulk-batch-ms",
+        type=float,
+        default=DEFAULT_BULK_BATCH_MS,
+        help="while queries arrive, cut bulk batches to about this much compute, so a query "
+        "waits little (0: never cut)",
+    )
+    limits.add_argument(
+        "--bulk-fill-ms",
+        type=float,
+        default=DEFAULT_BULK_FILL_MS,
+        help="let a small bulk batch wait up to this long for more texts (queries never wait)",
     )
     limits.add_argument("--max-batch-size", type=int, default=64, help="texts per batch")
     limits.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
     limits.add_argument("--max-chars-per-text", type=int, default=Limits.max_chars_per_text)
+    limits.add_argument(
+        "--max-chars-per-request",
+        type=int,
+        default=Limits.max_chars_per_request,
+        help="characters of one Embed request (RESOURCE_EXHAUSTED past it)",
+    )
+    limits.add_argument(
+        "--max-chars-in-flight",
+        type=int,
+        default=Limits.max_chars_in_flight,
+        help="characters of text being worked on at once: past it Embed gets "
+        "RESOURCE_EXHAUSTED and streams wait",
+    )
     limits.add_argument(
         "--max-queued-tokens",
         type=int,
         default=Limits.max_queued_tokens,
         help="past it, Embed calls get RESOURCE_EXHAUSTED (streams wait)",
     )
-    limits.add_argument("--stream-window", type=int, default=256, help="items in flight/stream")
+    limits.add_argument(
+        "--stream-window",
+        type=int,
+        default=ServerConfig.stream_window,
+        help="items of one stream in flight; past it the server stops reading the stream",
+    )
     limits.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     memory = serve.add_argument_group("models in memory")
     memory.add_argument("--max-loaded-models", type=int, default=0, help="0: no limit")
@@ -188,9 +227,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         stream_window=args.stream_window,
+        bulk_batch_seconds=args.bulk_batch_ms / 1000,
+        bulk_fill_seconds=args.bulk_fill_ms / 1000,
+        watchdog=Watchdog(min_seconds=args.batch_timeout),
         limits=Limits(
             max_texts_per_request=args.max_texts_per_request,
             max_chars_per_text=args.max_chars_per_text,
+            max_chars_per_request=args.max_chars_per_request,
+            max_chars_in_flight=args.max_chars_in_flight,
             max_queued_tokens=args.max_queued_tokens,
         ),
         allow_downloads=args.allow_downloads,
@@ -207,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from akidb_embed_client import EmbedClient, EmbedClientError
+    from akidb_embed_client import EmbedClient, EmbedClientError, Options
 
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
@@ -215,13 +259,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     target = _target(args)
     with EmbedClient(target, timeout=args.timeout) as client:
         try:
-            result = client.embed(
-                texts,
-                model=args.model,
-                dimensions=args.dimensions,
-                prompt_name=args.prompt_name,
-                normalize=False if args.no_normalize else None,
-            )
+            options: Options = {"dimensions": args.dimensions}
+            if args.prompt_name:
+                options["prompt_name"] = args.prompt_name
+            if args.no_normalize:
+                options["normalize"] = False
+            result = client.embed(texts, model=args.model, **options)
         except EmbedClientError as error:
             return fail(explain(error, target))
     out = {
@@ -239,7 +282,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from akidb.embedding.v1 import embedding_service_pb2 as pb
     from akidb_embed_client import EmbedClient, EmbedClientError
 
     if args.offline:
@@ -255,7 +297,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             return run_models(args)
     rows = [("NAME", "STATE", "DIM", "MAX TOKENS", "REVISION", "SIZE", "SOURCE")]
     for m in models:
-        state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+        state = m.state
         name = m.name + (" (default)" if m.is_default else "")
         size = human_size(m.size_on_disk_bytes) if m.size_on_disk_bytes else "-"
         rows.append(
@@ -276,8 +318,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from grpc_health.v1 import health_pb2
-
     from akidb_embed_client import EmbedClient, EmbedClientError
 
     target = _target(args)
@@ -286,9 +326,8 @@ def cmd_health(args: argparse.Namespace) -> int:
             status = client.check(args.service)
         except EmbedClientError as error:
             return fail(explain(error, target))
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    print(name)
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 COMMANDS = {
