@@ -56,7 +56,13 @@ def make_broken_models(base: Path) -> dict[str, Path]:
     body = 8 + size
     nan_weights = bytearray(data)
     nan_weights[body + start : body + end] = b"\xff" * (end - start)  # float32 NaN
+    # One vocabulary row NaN ("##zoo", as in "kazoo"): loads and warms up fine, then gives
+    # NaN for any text that holds the token.
+    nan_row = bytearray(data)
+    row = 23221 * 384 * 4
+    nan_row[body + start + row : body + start + row + 384 * 4] = b"\xff" * (384 * 4)
     damaged: dict[str, bytes | None] = {
+        "nan-row": bytes(nan_row),
         "broken-header": data[:8] + b"\xff" * 64 + data[72:],
         "broken-truncated": data[: len(data) // 2],
         "broken-nan-weights": bytes(nan_weights),

@@ -69,6 +69,32 @@ def test_damaged_model_is_a_clear_failed_precondition_and_the_default_keeps_serv
     assert failed - value(before, "akidb_embed_model_loads_total", model=name, outcome="failed")
 
 
+def test_a_model_that_turns_out_to_give_nan_is_refused_and_no_nan_leaves(
+    ops_server: ServerThread,
+) -> None:
+    with EmbedClient(ops_server.target, timeout=120) as client:
+        ok = client.embed(["a text without the damaged token"], model="nan-row").vectors
+        assert np.isfinite(ok).all()
+        results = list(
+            client.embed_stream([("fine", "a fine text"), ("nan", "a kazoo")], model="nan-row")
+        )
+        assert results[0].error is None and np.isfinite(results[0].vector).all()
+        assert results[1].vector is None and results[1].error is not None
+        assert results[1].error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "non-finite" in results[1].error.message
+        assert "akidb-embed pull nan-row --force" in results[1].error.message
+        # From now on the model is refused, and health says why.
+        with pytest.raises(EmbedClientError) as info:
+            client.embed(["a text without the damaged token"], model="nan-row")
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        wait_for(lambda: client.check("nan-row") == "NOT_SERVING")
+        models = {m.name: m for m in client.list_models()}
+        assert models["nan-row"].state == "failed"
+        assert "non-finite" in models["nan-row"].state_reason
+        assert client.check() == "SERVING"
+        assert np.isfinite(client.embed(["a kazoo"]).vectors).all()  # the default is fine
+
+
 def endless_requests() -> Iterator[pb.EmbedStreamRequest]:
     for i in itertools.count():
         yield pb.EmbedStreamRequest(ids=[str(i)], texts=[f"item {i} of an endless stream"])
