@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     serve.add_argument("--socket-mode", default="600", help="socket permissions, octal (600)")
+    serve.add_argument(
+        "--trust-socket-parents",
+        action="store_true",
+        help="accept world-writable directories above the socket's own directory (a volume "
+        "that only this user's processes reach, e.g. a Kubernetes emptyDir); refused otherwise",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
         "--log-format",
@@ -180,6 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models=names,
         local_model_dirs=local_dirs,
         socket_mode=int(args.socket_mode, 8),
+        trust_socket_parents=args.trust_socket_parents,
         grace_seconds=args.grace,
         max_batch_tokens=args.max_batch_tokens or default_batch_tokens(on_gpu),
         workers=args.workers if args.workers is not None else default_workers(on_gpu),

@@ -27,7 +27,7 @@ from .registry import DEFAULT_MODEL, Registry
 from .residency import ModelBudget
 from .service import EmbeddingService, Limits
 from .servicer import EmbeddingServicer
-from .unix_socket import prepare_socket_path
+from .unix_socket import BoundSocket, prepare_socket_path
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class ServerConfig:
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     local_model_dirs: list[Path] = field(default_factory=list)
     socket_mode: int = 0o600
+    # Accept world-writable (non-sticky) directories above the socket's own directory.
+    trust_socket_parents: bool = False
     grace_seconds: float = 30.0
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
@@ -104,6 +106,7 @@ class EmbeddingServer:
             ],
         )
         self.addresses: list[str] = []
+        self._socket: BoundSocket | None = None
         self._stopped = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -159,9 +162,12 @@ class EmbeddingServer:
     def _bind(self) -> None:
         if self.config.socket_path is not None:
             path = self.config.socket_path
-            prepare_socket_path(path, self.config.socket_mode)
+            prepare_socket_path(
+                path, self.config.socket_mode, trust_parents=self.config.trust_socket_parents
+            )
             with restrictive_umask(self.config.socket_mode):
                 self.server.add_insecure_port(f"unix:{path}")
+            self._socket = BoundSocket.of(path)
             os.chmod(path, self.config.socket_mode)
             self.addresses.append(f"unix:{path}")
         if self.config.port is not None:
@@ -184,9 +190,9 @@ class EmbeddingServer:
             await asyncio.to_thread(self.pool.close)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
-        if self.config.socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.config.socket_path.unlink()
+        # Only our own socket: a server started on this path while we drained owns it now.
+        if self._socket is not None and not self._socket.remove():
+            log.info("left %s alone: another server has taken the path", self._socket.path)
         log.info("stopped")
 
     async def wait(self) -> None:
