@@ -23,6 +23,7 @@ from .batching import ComputeWorker
 from .errors import EmbedError
 from .interceptor import ObservingInterceptor
 from .metrics import Metrics, MetricsEndpoint
+from .pulls import PullLimits
 from .registry import DEFAULT_MODEL, Registry
 from .residency import ModelBudget
 from .service import EmbeddingService, Limits
@@ -55,6 +56,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     budget: ModelBudget = field(default_factory=ModelBudget)
     allow_downloads: bool = False
+    # Hub pulls the server makes itself (with allow_downloads): how many at once, how long.
+    pulls: PullLimits = field(default_factory=PullLimits)
     # Prometheus `/metrics` over HTTP when set (0 picks a free port).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -93,6 +96,7 @@ class EmbeddingServer:
             config.budget,
             allow_downloads=config.allow_downloads,
             metrics=self.metrics,
+            pulls=config.pulls,
         )
         self.metrics.watch(self.service)
         self.metrics_endpoint: MetricsEndpoint | None = None
