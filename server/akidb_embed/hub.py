@@ -71,6 +71,8 @@ PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Partial downloads older than this belong to a process that died mid-pull.
 STALE_PARTIAL_S = 60.0
 API_TIMEOUT_S = 30.0
+# How long a pull waits for another process pulling the same repository.
+LOCK_TIMEOUT_S = 3600.0
 
 Notify = Callable[[str], None]
 
@@ -259,7 +261,7 @@ def pull(
     progress: bool | None = None,
     notify: Notify | None = None,
     root: Path | None = None,
-    lock_timeout_s: float = 3600.0,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
     max_workers: int = 8,
     name: str | None = None,
     api_timeout_s: float = API_TIMEOUT_S,

@@ -101,7 +101,11 @@ class ModelFetcher:
         def pull() -> LocatedModel:
             try:
                 return self.registry.pull(
-                    entry, progress=False, notify=notify, timeout_s=request_timeout
+                    entry,
+                    progress=False,
+                    notify=notify,
+                    request_timeout_s=request_timeout,
+                    lock_timeout_s=self.limits.timeout_s,
                 )
             finally:
                 with self._lock:

@@ -294,30 +294,26 @@ class Registry:
         force: bool = False,
         progress: bool | None = None,
         notify: Callable[[str], None] | None = None,
-        timeout_s: float | None = None,
+        request_timeout_s: float | None = None,
+        lock_timeout_s: float | None = None,
     ) -> LocatedModel:
         """Fetch the entry from the Hub into the cache (blocking; network). See hub.pull.
-        `timeout_s` bounds each Hub request and the wait for another pull's lock."""
+        `request_timeout_s` bounds each Hub request, `lock_timeout_s` the wait for another
+        process's pull of the same repository (None: hub.pull's defaults)."""
         if entry.local:
             raise InvalidArgument(f"{entry.name!r} is a local directory; there is nothing to pull")
         from . import hub  # imports huggingface_hub: only when a pull is asked for
 
-        ref = HubRef(entry.source, entry.revision)
-        if timeout_s is None:
-            result = hub.pull(
-                ref, force=force, progress=progress, notify=notify, root=self.root, name=entry.name
-            )
-        else:
-            result = hub.pull(
-                ref,
-                force=force,
-                progress=progress,
-                notify=notify,
-                root=self.root,
-                name=entry.name,
-                api_timeout_s=timeout_s,
-                lock_timeout_s=timeout_s,
-            )
+        result = hub.pull(
+            HubRef(entry.source, entry.revision),
+            force=force,
+            progress=progress,
+            notify=notify,
+            root=self.root,
+            name=entry.name,
+            api_timeout_s=request_timeout_s or hub.API_TIMEOUT_S,
+            lock_timeout_s=lock_timeout_s or hub.LOCK_TIMEOUT_S,
+        )
         return LocatedModel(entry, result.directory, result.commit, result.size_bytes)
 
     def ensure(
