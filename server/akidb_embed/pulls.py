@@ -90,8 +90,8 @@ class ModelFetcher:
         with self._lock:
             if self._pulling >= limit:
                 raise Overloaded(
-                    f"{self._pulling} models are being pulled from the Hub already (the limit "
-                    f"is {limit}); retry {entry.name!r} later, or pull it ahead of time with "
+                    f"the server is already pulling {self._pulling} models from the Hub, its "
+                    f"limit ({limit}); retry {entry.name!r} later, or pull it ahead of time with "
                     f"`akidb-embed pull {entry.name}` (the server's --max-concurrent-pulls "
                     "raises the limit)"
                 )
