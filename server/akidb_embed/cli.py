@@ -14,6 +14,7 @@ import grpc
 from .blas import ensure_fast_blas, mlx_uses_gpu
 from .logs import configure_logging
 from .model_cache import human_size
+from .pulls import PullLimits
 from .registry import DEFAULT_MODEL
 from .residency import ModelBudget
 from .server import DEFAULT_BULK_BATCH_MS, DEFAULT_BULK_FILL_MS, ServerConfig, run_server
@@ -60,8 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="pull a known model from the Hub on its first request (default: "
         "FAILED_PRECONDITION with the pull command)",
     )
+    serve.add_argument(
+        "--max-concurrent-pulls",
+        type=int,
+        default=PullLimits.max_concurrent,
+        help="with --allow-downloads: Hub pulls at once; a request needing one more gets "
+        f"RESOURCE_EXHAUSTED (default {PullLimits.max_concurrent})",
+    )
+    serve.add_argument(
+        "--pull-timeout",
+        type=float,
+        default=PullLimits.timeout_s,
+        help="with --allow-downloads: seconds before requests waiting on a pull get "
+        f"UNAVAILABLE (default {PullLimits.timeout_s:g}); `akidb-embed pull` has no limit",
+    )
     serve.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     serve.add_argument("--socket-mode", default="600", help="socket permissions, octal (600)")
+    serve.add_argument(
+        "--trust-socket-parents",
+        action="store_true",
+        help="accept world-writable directories above the socket's own directory (a volume "
+        "that only this user's processes reach, e.g. a Kubernetes emptyDir); refused otherwise",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
         "--log-format",
@@ -219,6 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models=names,
         local_model_dirs=local_dirs,
         socket_mode=int(args.socket_mode, 8),
+        trust_socket_parents=args.trust_socket_parents,
         grace_seconds=args.grace,
         max_batch_tokens=args.max_batch_tokens or default_batch_tokens(on_gpu),
         workers=args.workers if args.workers is not None else default_workers(on_gpu),
@@ -238,6 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_queued_tokens=args.max_queued_tokens,
         ),
         allow_downloads=args.allow_downloads,
+        pulls=PullLimits(max_concurrent=args.max_concurrent_pulls, timeout_s=args.pull_timeout),
         budget=ModelBudget(
             max_models=args.max_loaded_models,
             max_bytes=args.max_loaded_mb * 1024 * 1024,

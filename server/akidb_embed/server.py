@@ -23,11 +23,12 @@ from .batching import ComputeWorker
 from .errors import EmbedError
 from .interceptor import ObservingInterceptor
 from .metrics import Metrics, MetricsEndpoint
+from .pulls import PullLimits
 from .registry import DEFAULT_MODEL, Registry
 from .residency import ModelBudget
 from .service import EmbeddingService, Limits
 from .servicer import EmbeddingServicer
-from .unix_socket import prepare_socket_path
+from .unix_socket import BoundSocket, prepare_socket_path
 from .workers import Watchdog, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class ServerConfig:
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     local_model_dirs: list[Path] = field(default_factory=list)
     socket_mode: int = 0o600
+    # Accept world-writable (non-sticky) directories above the socket's own directory.
+    trust_socket_parents: bool = False
     grace_seconds: float = 30.0
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
@@ -59,6 +62,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     budget: ModelBudget = field(default_factory=ModelBudget)
     allow_downloads: bool = False
+    # Hub pulls the server makes itself (with allow_downloads): how many at once, how long.
+    pulls: PullLimits = field(default_factory=PullLimits)
     # Prometheus `/metrics` over HTTP when set (0 picks a free port).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -101,6 +106,7 @@ class EmbeddingServer:
             config.budget,
             allow_downloads=config.allow_downloads,
             metrics=self.metrics,
+            pulls=config.pulls,
         )
         self.metrics.watch(self.service)
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -114,6 +120,7 @@ class EmbeddingServer:
             ],
         )
         self.addresses: list[str] = []
+        self._socket: BoundSocket | None = None
         self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
@@ -196,9 +203,12 @@ class EmbeddingServer:
     def _bind(self) -> None:
         if self.config.socket_path is not None:
             path = self.config.socket_path
-            prepare_socket_path(path, self.config.socket_mode)
+            prepare_socket_path(
+                path, self.config.socket_mode, trust_parents=self.config.trust_socket_parents
+            )
             with restrictive_umask(self.config.socket_mode):
                 self.server.add_insecure_port(f"unix:{path}")
+            self._socket = BoundSocket.of(path)
             os.chmod(path, self.config.socket_mode)
             self.addresses.append(f"unix:{path}")
         if self.config.port is not None:
@@ -221,9 +231,9 @@ class EmbeddingServer:
             await asyncio.to_thread(self.pool.close)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
-        if self.config.socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.config.socket_path.unlink()
+        # Only our own socket: a server started on this path while we drained owns it now.
+        if self._socket is not None and not self._socket.remove():
+            log.info("left %s alone: another server has taken the path", self._socket.path)
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -30,6 +30,7 @@ from .errors import (
 )
 from .loader import load_engine
 from .metrics import Metrics
+from .pulls import ModelFetcher, PullLimits
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
 from .tokenization import TokenBatch
@@ -108,6 +109,7 @@ class EmbeddingService:
         budget: ModelBudget | None = None,
         allow_downloads: bool = False,
         metrics: Metrics | None = None,
+        pulls: PullLimits | None = None,
     ) -> None:
         self.registry = registry
         self.worker = worker
@@ -117,6 +119,8 @@ class EmbeddingService:
         # Pull a known model that is not cached on first request, instead of
         # FAILED_PRECONDITION with the pull command.
         self.allow_downloads = allow_downloads
+        # Content checks and pulls, on threads of their own and bounded (pulls.py).
+        self.fetcher = ModelFetcher(registry, pulls, allow_downloads)
         # Told when a model starts (True) or stops (False) serving: the server's health.
         self.on_model_change: Callable[[str, bool], Awaitable[None]] | None = None
         self.started_at = time.monotonic()
@@ -192,14 +196,20 @@ class EmbeddingService:
         for name in victims:
             await self.unload(name)
 
+    async def _failed_to_load(self, entry: ModelEntry, error: EmbedError) -> None:
+        self._failed[entry.name] = error.message
+        log.error("model %s failed to load: %s", entry.name, error.message)
+        await self._notify(entry.name, False)
+
     async def _load(self, entry: ModelEntry) -> EmbeddingEngine:
-        # A pull can take minutes: its own thread, never the compute thread.
-        located = await asyncio.to_thread(
-            self.registry.ensure,
-            entry,
-            allow_download=self.allow_downloads,
-            notify=lambda message: log.info("%s: %s", entry.name, message),
-        )
+        # sha256 check, or a pull (minutes): threads of their own, never the compute thread.
+        try:
+            located = await self.fetcher.locate(
+                entry, lambda message: log.info("%s: %s", entry.name, message)
+            )
+        except ModelLoadError as failure:  # damaged files, or a model that cannot be served
+            await self._failed_to_load(entry, failure)
+            raise
         await self._make_room(entry, located.size_bytes)
         started = time.monotonic()
         log.info("loading model %s from %s", entry.name, located.directory)
@@ -224,9 +234,7 @@ class EmbeddingService:
                 if isinstance(exc, ModelLoadError)
                 else ModelLoadError(f"model {entry.name!r} failed to load: {exc}")
             )
-            self._failed[entry.name] = error.message
-            log.error("model %s failed to load: %s", entry.name, error.message)
-            await self._notify(entry.name, False)
+            await self._failed_to_load(entry, error)
             raise error from exc
         self._failed.pop(entry.name, None)
         self.residents.add(engine, pinned=False)

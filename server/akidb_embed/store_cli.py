@@ -89,11 +89,12 @@ class ModelRow:
 
 
 def model_rows(registry: Registry, loaded: Collection[str] | None = None) -> list[ModelRow]:
-    """Every model the registry knows or the cache holds. `loaded`: names a server has loaded
-    (None: unknown, no server asked)."""
+    """Every model the registry knows or the cache holds, content verified (sha256 against the
+    recorded checksums: this reads every file). `loaded`: names a server has loaded (None:
+    unknown, no server asked)."""
     rows = []
     for entry in registry.entries():
-        status = registry.status(entry)
+        status = registry.status(entry, deep=True)
         located = status.located
         rows.append(
             ModelRow(
@@ -131,7 +132,7 @@ def format_models(rows: list[ModelRow], out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() + "\n")
     for row in rows:
         if row.problem:
-            out.write(f"{row.name}: {row.problem}; run `akidb-embed pull {row.name}`\n")
+            out.write(f"{row.name}: {row.problem}; run `akidb-embed pull {row.name} --force`\n")
 
 
 def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -139,7 +140,8 @@ def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
         "models",
         help="list known and cached models",
         description="List registry names and cached models: source, status, pinned revision, "
-        "size on disk.",
+        "size on disk. Every file's sha256 is checked against the one recorded when it was "
+        "pulled (or installed), so damaged copies show as damaged.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=run_models)

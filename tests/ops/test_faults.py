@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -326,3 +327,53 @@ async def test_sigterm_under_load_answers_every_accepted_item_and_exits_0(
         f"{report.stream_items_ok} embedded, the rest UNAVAILABLE; "
         f"{report.unary_ok} unary calls OK; {dict(report.codes)}; exit 0 {drained:.1f}s after"
     )
+
+
+def test_restart_while_the_old_server_drains_keeps_the_new_socket(tmp_path: Path) -> None:
+    """`serve` B starts on the path while A drains after SIGTERM: A's exit leaves B's socket."""
+    socket_dir = tmp_path / "run"
+    socket_dir.mkdir(mode=0o700)
+    path = socket_dir / "embed.sock"
+    old = ServerProcess(path, tmp_path / "a.log", "--grace", "30", "--workers", "0")
+    new: ServerProcess | None = None
+    channel = grpc.insecure_channel(f"unix:{path}")
+    try:
+        old.wait_serving()
+        # An open Watch keeps A draining after SIGTERM until it ends.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        old.terminate()
+        wait_for(lambda: "shutting down" in old.log())
+        assert old.proc.poll() is None, old.log()
+        new = ServerProcess(path, tmp_path / "b.log", "--workers", "0").wait_serving()
+        watch.cancel()
+        assert old.wait(60) == 0, old.log()
+        assert path.exists(), "the old server deleted the new server's socket"
+        with EmbedClient(str(path), timeout=30) as client:
+            assert client.check() == "SERVING"
+            assert client.embed(["reachable after the restart"]).vectors.shape == (1, 384)
+        new.terminate()
+        assert new.wait(60) == 0, new.log()
+        assert not path.exists()  # its own socket, it does remove
+    finally:
+        channel.close()
+        old.close()
+        if new is not None:
+            new.close()
+
+
+def test_serve_refuses_a_socket_directory_inside_a_world_writable_parent(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "private").mkdir(mode=0o700)
+    result = subprocess.run(
+        [sys.executable, "-m", "akidb_embed", "serve", "--socket", str(shared / "private" / "s")],
+        capture_output=True,
+        text=True,
+        env=server_env(),
+        timeout=60,  # accepted, it would serve until killed
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{shared}, above the socket directory" in result.stderr
+    assert "world-writable without the sticky bit" in result.stderr
