@@ -77,3 +77,30 @@ def run_pool(
 
 def model_spec(name: str, directory: Path) -> ModelSpec:
     return ModelSpec(name=name, directory=directory, source=name, revision="bench")
+
+
+@dataclass(frozen=True)
+class QueryLatency:
+    p50_ms: float
+    p99_ms: float
+    count: int
+
+
+def query_latency(engine: EmbeddingEngine, queries: Sequence[str]) -> QueryLatency:
+    """One query at a time through tokenize + forward, in this process (no gRPC)."""
+    from akidb_embed.engine import EmbedOptions
+
+    options = EmbedOptions()
+    engine.forward_packed(*_packed(engine, queries[0], options))
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        engine.forward_packed(*_packed(engine, query, options))
+        times.append(time.perf_counter() - started)
+    ms = np.array(times) * 1e3
+    return QueryLatency(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(ms))
+
+
+def _packed(engine: EmbeddingEngine, text: str, options: object) -> tuple[np.ndarray, np.ndarray]:
+    tokens = engine.tokenize_batch([text], options)  # type: ignore[arg-type]
+    return tokens.ids, tokens.lengths
