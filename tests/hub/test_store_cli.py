@@ -27,7 +27,7 @@ def test_pull_models_rm_round_trip(hub_env: HubEnv, capsys: pytest.CaptureFixtur
     row = next(line for line in out.splitlines() if line.startswith(TINY_REPO))
     assert row.split()[1:4] == [TINY_REPO, "cached", commit[:12]]
     qwen = next(line for line in out.splitlines() if line.startswith("qwen3-0.6b-4bit"))
-    assert "not downloaded" in qwen
+    assert "not_downloaded" in qwen
 
     assert main(["models", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
