@@ -92,8 +92,8 @@ proto-check: proto
 	  (echo "generated stubs are out of date: run 'make proto' and commit" >&2; exit 1)
 
 lint: $(SETUP_STAMP)
-	$(VENV)/bin/ruff check server clients/python tests $(wildcard bench)
-	$(VENV)/bin/ruff format --check server clients/python tests $(wildcard bench)
+	$(VENV)/bin/ruff check server clients/python tests build_support $(wildcard bench)
+	$(VENV)/bin/ruff format --check server clients/python tests build_support $(wildcard bench)
 
 typecheck: $(SETUP_STAMP)
 	$(VENV)/bin/mypy

@@ -66,9 +66,7 @@ def _manifest_ok(target: Path) -> bool:
     manifest = target / MANIFEST
     if not manifest.is_file():
         return False
-    recorded = dict(
-        line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines() if line
-    )
+    recorded = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines() if line)
     if sorted(recorded) != sorted(KEEP):
         return False
     for name, digest in recorded.items():
