@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -25,7 +26,7 @@ from .server import ServerConfig, run_server
 from .service import Limits
 from .store_cli import add_pull_parser, add_rm_parser, run_models, run_pull, run_rm
 from .unix_socket import SocketInUse, default_socket_path
-from .workers import default_batch_tokens, default_workers
+from .workers import DEFAULT_MODEL_BYTES, default_batch_tokens, default_workers
 
 if TYPE_CHECKING:
     from akidb_embed_client import EmbedClientError
@@ -113,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help="engine worker processes, each with its own copy of the models (default: one per "
-        "core on CPU, 0 on a GPU; 0 runs the models in the server process)",
+        "core on CPU, as many as --memory-budget-mb allows; 0 on a GPU; 0 runs the models in "
+        "the server process)",
+    )
+    limits.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        help="memory the default --workers count must fit in (default: the container's limit, "
+        "cgroup memory.max, else the machine's RAM); each worker costs ~110 MB plus its "
+        "models' weights",
     )
     limits.add_argument("--max-batch-size", type=int, default=64, help="texts per batch")
     limits.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
@@ -241,6 +250,25 @@ def try_line(server: EmbeddingServer) -> str:
     return f'try: {command} "hello world"'
 
 
+def model_bytes(names: list[str], local_dirs: list[Path]) -> int:
+    """The weights one engine worker will load (files on disk); a guess when unknown."""
+    from .errors import EmbedError
+    from .registry import Registry
+
+    registry = Registry()
+    total = 0
+    for directory in local_dirs:
+        with contextlib.suppress(EmbedError):  # the server says what is wrong with it
+            registry.add_local(directory)
+    for name in names:
+        try:
+            located = registry.status(registry.resolve(name)).located
+        except EmbedError:
+            located = None
+        total += located.size_bytes if located is not None else DEFAULT_MODEL_BYTES
+    return total
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     # First: on Linux CPU this may re-execute the process with OpenBLAS preloaded.
     ensure_fast_blas()
@@ -266,7 +294,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         socket_mode=int(args.socket_mode, 8),
         grace_seconds=args.grace,
         max_batch_tokens=args.max_batch_tokens or default_batch_tokens(on_gpu),
-        workers=args.workers if args.workers is not None else default_workers(on_gpu),
+        workers=args.workers
+        if args.workers is not None
+        else default_workers(
+            on_gpu,
+            memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
+            model_bytes=model_bytes(names, local_dirs),
+        ),
         max_batch_size=args.max_batch_size,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,

@@ -171,6 +171,7 @@ class _Call:
             self.tokens,
             ms,
             extra={
+                "request_id": self.request_id,
                 "method": method,
                 "status": code.name,
                 "items": self.items,
