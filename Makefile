@@ -116,6 +116,20 @@ bench: $(REFERENCE_STAMP)
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
+# --- Container image -----------------------------------------------------------
+# The Dockerfile's steps live in scripts/image-install.sh; image-check runs the same steps in
+# a clean Debian root (no container runtime or base image needed) and reports the size.
+IMAGE ?= akidb-embed:0.1.0
+CONTAINER ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+
+image:
+	@test -n "$(CONTAINER)" || { echo "make image needs docker or podman (or: make image-check)" >&2; exit 1; }
+	$(CONTAINER) build -t $(IMAGE) .
+
+# Slow (two Debian roots, a full install): not part of `make test`.
+image-check:
+	@bash scripts/image-check.sh
+
 # --- Clients -----------------------------------------------------------------
 # The Rust client (clients/rust) and the Node contract test (clients/node) start
 # the real server from this checkout with the venv's Python and test against it.
