@@ -20,7 +20,8 @@ work=$(mktemp -d /var/tmp/akidb-image-check.XXXXXX)
 mounted=()
 cleanup() {
   for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[i]}" 2>/dev/null || true; done
-  if [ "$KEEP" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
+  # --one-file-system: never into a mount that outlived its stage (proc, dev).
+  if [ "$KEEP" = 1 ]; then echo "kept $work"; else rm -rf --one-file-system "$work"; fi
 }
 trap cleanup EXIT
 
@@ -32,15 +33,29 @@ bootstrap() {  # a minimal Debian root, as the base image would be
     debootstrap --variant=minbase "$SUITE" "$1" "$MIRROR" >/dev/null
   fi
   cp /etc/resolv.conf "$1/etc/resolv.conf"
+  # This machine's own CAs (a proxy that inspects TLS needs them); ca-certificates picks
+  # them up when the stage installs it.
+  if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    mkdir -p "$1/usr/local/share/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "$1/usr/local/share/ca-certificates/"
+  fi
   install -m 0755 scripts/image-install.sh "$1/usr/local/sbin/image-install.sh"
 }
 
 in_root() {  # chroot with the image's environment, not this shell's
   local root=$1
   shift
-  env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 chroot "$@" 2>&1 | sed 's/^/    /'
-  return "${PIPESTATUS[0]}"
+  local pass=()
+  for name in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY PIP_INDEX_URL; do
+    [ -n "${!name:-}" ] && pass+=("$name=${!name}")
+  done
+  {
+    local rc=0
+    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+      LANG=C.UTF-8 "${pass[@]}" chroot "$@" 2>&1 || rc=$?
+    echo "$rc" >"$work/status"
+  } | { grep -v -e 'posix_openpt' -e 'apt-utils' || true; } | sed 's/^/    /'
+  return "$(cat "$work/status")"
 }
 
 started=$(date +%s)
