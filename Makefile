@@ -27,8 +27,11 @@ DEV_REQ := .[dev]
 else
 DEV_REQ := .[$(MLX_BACKEND),dev]
 endif
-# The client is its own distribution (clients/python); the server depends on it.
-INSTALL := $(PIP) install --quiet --no-input -e ./clients/python -e
+# The client is its own distribution (clients/python); the server depends on it. Quiet:
+# setuptools' banner for editable installs (about folders shadowing packages, which this
+# layout does not have) is silenced.
+INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet --no-input \
+  -e ./clients/python -e
 
 # MLX's CPU backend resolves `libblas` at process start: run tests and benchmarks with
 # Debian's OpenBLAS (installed by `make setup`) preloaded, and its kernels chosen for this
@@ -60,7 +63,7 @@ $(RUN_STAMP): $(PACKAGING)
 	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@$(PIP) install --quiet --no-input --upgrade pip
 	@echo "==> installing akidb-embed, its client, MLX ($(MLX_BACKEND)) and the default model into $(VENV)"
-	@echo "    (first time: a few minutes, ~300 MB of downloads)"
+	@echo "    (first time: a few minutes and a few hundred MB of downloads)"
 	@$(INSTALL) "$(RUN_REQ)"
 	@touch $@
 

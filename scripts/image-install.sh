@@ -60,6 +60,9 @@ smoke)
     sleep 1
   done
   akidb-embed health
+  # MLX on the CPU runs with Debian's OpenBLAS, not the wheel's slow reference BLAS.
+  grep -o 'SERVING (backend: [^)]*)' /tmp/serve.log
+  grep -q 'SERVING (backend: cpu (openblas' /tmp/serve.log
   out=$(akidb-embed embed --format jsonl "hello from the image")
   echo "${out:0:120}..."
   akidb-embed models
