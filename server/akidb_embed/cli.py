@@ -379,7 +379,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with EmbedClient(target, timeout=timeout) as client:
         try:
             if not streamed:
-                result = client.embed(texts, model=args.model, **_options(args))
+                try:
+                    result = client.embed(texts, model=args.model, **_options(args))
+                except EmbedClientError as error:
+                    # A server started with a lower --max-texts-per-request says to stream.
+                    if error.code != grpc.StatusCode.INVALID_ARGUMENT or (
+                        "EmbedStream" not in error.message
+                    ):
+                        raise
+                    return _embed_streamed(client, texts, args)
                 head = {
                     "model": result.model,
                     "fingerprint": result.space.fingerprint,
@@ -398,6 +406,8 @@ def _embed_streamed(client: Any, texts: list[str], args: argparse.Namespace) -> 
         ((str(i), text) for i, text in enumerate(texts)), model=args.model, **_options(args)
     )
     failed: list[str] = []
+    # The name the server knows the model by (the stream's space carries the source id).
+    name = args.model or next((m.name for m in client.list_models() if m.is_default), "")
     head: dict[str, Any] = {}
 
     def items() -> Iterator[tuple[str, int, Any]]:
@@ -411,7 +421,7 @@ def _embed_streamed(client: Any, texts: list[str], args: argparse.Namespace) -> 
                 continue
             if not head and item.space is not None:
                 head.update(
-                    model=args.model or item.space.model_id,
+                    model=name or item.space.model_id,
                     fingerprint=item.space.fingerprint,
                     dimensions=item.space.dimensions,
                 )

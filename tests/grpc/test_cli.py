@@ -131,6 +131,8 @@ def test_embed_streams_more_texts_than_one_request_takes(server: ServerThread) -
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["text"] for r in rows] == texts
     assert [r["index"] for r in rows] == list(range(len(texts)))
+    whole = run_cli("embed", "--socket", server.target, stdin="\n".join(texts))
+    assert json.loads(whole.stdout)["model"] == "all-minilm-l6-v2"
     with EmbedClient(server.target) as client:
         expected = client.embed(texts[-3:]).vectors
     np.testing.assert_allclose(np.array([r["vector"] for r in rows[-3:]]), expected, atol=1e-6)
@@ -211,3 +213,21 @@ def test_errors_share_one_prefix(server: ServerThread, tmp_path: Path) -> None:
 def test_serve_refuses_bad_arguments() -> None:
     out = run_cli("serve", "--no-socket")
     assert out.returncode == 1 and "--no-socket needs --port" in out.stderr
+
+
+def test_a_lower_server_limit_falls_back_to_the_stream(tmp_path: Path) -> None:
+    from akidb_embed.server import ServerConfig
+    from akidb_embed.service import Limits
+
+    small = ServerThread(
+        ServerConfig(
+            socket_path=tmp_path / "s" / "embed.sock", limits=Limits(max_texts_per_request=3)
+        )
+    ).start()
+    try:
+        texts = [f"text {i}" for i in range(7)]
+        out = run_cli("embed", "--socket", small.target, "--format", "jsonl", *texts)
+        assert out.returncode == 0, out.stderr
+        assert [json.loads(line)["text"] for line in out.stdout.splitlines()] == texts
+    finally:
+        small.stop()
