@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -22,14 +23,14 @@ from .logs import configure_logging
 from .model_cache import human_size
 from .registry import DEFAULT_MODEL
 from .residency import ModelBudget
-from .server import ServerConfig, run_server
+from .server import DEFAULT_BULK_BATCH_MS, DEFAULT_BULK_FILL_MS, ServerConfig, run_server
 from .service import Limits
 from .store_cli import add_pull_parser, add_rm_parser, run_models, run_pull, run_rm
 from .unix_socket import SocketInUse, default_socket_path
-from .workers import DEFAULT_MODEL_BYTES, default_batch_tokens, default_workers
+from .workers import DEFAULT_MODEL_BYTES, Watchdog, default_batch_tokens, default_workers
 
 if TYPE_CHECKING:
-    from akidb_embed_client import EmbedClientError
+    from akidb_embed_client import EmbedClientError, Options
 
     from .server import EmbeddingServer
 
@@ -113,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--workers",
         type=int,
-        help="engine worker processes, each with its own copy of the models (default: one per "
-        "core on CPU, as many as --memory-budget-mb allows; 0 on a GPU; 0 runs the models in "
-        "the server process)",
+        help="engine worker processes, each with its own copy of the models, supervised: a "
+        "dead or hung one is replaced and its batch re-run (default: one per core on CPU, as "
+        "many as --memory-budget-mb allows; 1 on a GPU; 0 runs the models in the server "
+        "process, unsupervised)",
     )
     limits.add_argument(
         "--memory-budget-mb",
@@ -124,16 +126,54 @@ def build_parser() -> argparse.ArgumentParser:
         "cgroup memory.max, else the machine's RAM); each worker costs ~110 MB plus its "
         "models' weights",
     )
+    limits.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=Watchdog.min_seconds,
+        help="seconds a batch may take at least before its worker counts as hung (the limit "
+        "grows with the batch's size: 20x its expected time)",
+    )
+    limits.add_argument(
+        "--bulk-batch-ms",
+        type=float,
+        default=DEFAULT_BULK_BATCH_MS,
+        help="while queries arrive, cut bulk batches to about this much compute, so a query "
+        "waits little (0: never cut)",
+    )
+    limits.add_argument(
+        "--bulk-fill-ms",
+        type=float,
+        default=DEFAULT_BULK_FILL_MS,
+        help="let a small bulk batch wait up to this long for more texts (queries never wait)",
+    )
     limits.add_argument("--max-batch-size", type=int, default=64, help="texts per batch")
     limits.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
     limits.add_argument("--max-chars-per-text", type=int, default=Limits.max_chars_per_text)
+    limits.add_argument(
+        "--max-chars-per-request",
+        type=int,
+        default=Limits.max_chars_per_request,
+        help="characters of one Embed request (RESOURCE_EXHAUSTED past it)",
+    )
+    limits.add_argument(
+        "--max-chars-in-flight",
+        type=int,
+        default=Limits.max_chars_in_flight,
+        help="characters of text being worked on at once: past it Embed gets "
+        "RESOURCE_EXHAUSTED and streams wait",
+    )
     limits.add_argument(
         "--max-queued-tokens",
         type=int,
         default=Limits.max_queued_tokens,
         help="past it, Embed calls get RESOURCE_EXHAUSTED (streams wait)",
     )
-    limits.add_argument("--stream-window", type=int, default=256, help="items in flight/stream")
+    limits.add_argument(
+        "--stream-window",
+        type=int,
+        default=ServerConfig.stream_window,
+        help="items of one stream in flight; past it the server stops reading the stream",
+    )
     limits.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     memory = serve.add_argument_group("models in memory")
     memory.add_argument("--max-loaded-models", type=int, default=0, help="0: no limit")
@@ -306,9 +346,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         stream_window=args.stream_window,
+        bulk_batch_seconds=args.bulk_batch_ms / 1000,
+        bulk_fill_seconds=args.bulk_fill_ms / 1000,
+        watchdog=Watchdog(min_seconds=args.batch_timeout),
         limits=Limits(
             max_texts_per_request=args.max_texts_per_request,
             max_chars_per_text=args.max_chars_per_text,
+            max_chars_per_request=args.max_chars_per_request,
+            max_chars_in_flight=args.max_chars_in_flight,
             max_queued_tokens=args.max_queued_tokens,
         ),
         allow_downloads=args.allow_downloads,
@@ -350,15 +395,20 @@ def read_texts(args: argparse.Namespace) -> list[str] | str:
     return texts
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "dimensions": args.dimensions,
-        "prompt_name": args.prompt_name,
-        "prompt": args.prompt,
-        "instruction": args.instruction,
-        "truncation": args.truncation,
-        "normalize": False if args.no_normalize else None,
-    }
+def _options(args: argparse.Namespace) -> Options:
+    """The per-request options the flags set (unset flags: the server's defaults)."""
+    options: Options = {"dimensions": args.dimensions}
+    if args.prompt_name is not None:
+        options["prompt_name"] = args.prompt_name
+    if args.prompt is not None:
+        options["prompt"] = args.prompt
+    if args.instruction is not None:
+        options["instruction"] = args.instruction
+    if args.truncation is not None:
+        options["truncation"] = args.truncation
+    if args.no_normalize:
+        options["normalize"] = False
+    return options
 
 
 def _row(index: int, text: str, token_count: int, vector: Any) -> dict[str, Any]:
@@ -467,24 +517,11 @@ def _write(
 
 
 def _model_dict(model: Any) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
-
-    from akidb.embedding.v1 import embedding_service_pb2 as pb
-
-    data: dict[str, Any] = MessageToDict(
-        model, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    data["state"] = model_state(pb.ModelState.Name(model.state))
+    data: dict[str, Any] = dataclasses.asdict(model)
     return data
 
 
-def model_state(enum_name: str) -> str:
-    """MODEL_STATE_NOT_DOWNLOADED -> not_downloaded (the names `models --offline` uses too)."""
-    return enum_name.removeprefix("MODEL_STATE_").lower()
-
-
 def cmd_models(args: argparse.Namespace) -> int:
-    from akidb.embedding.v1 import embedding_service_pb2 as pb
     from akidb_embed_client import EmbedClient, EmbedClientError
 
     if args.offline:
@@ -509,7 +546,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "STATE", "DIM", "MAX TOKENS", "REVISION", "SIZE", "SOURCE")]
     for m in models:
-        state = model_state(pb.ModelState.Name(m.state))
+        state = m.state
         name = m.name + (" (default)" if m.is_default else "")
         size = human_size(m.size_on_disk_bytes) if m.size_on_disk_bytes else "-"
         rows.append(
@@ -530,8 +567,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from grpc_health.v1 import health_pb2
-
     from akidb_embed_client import EmbedClient, EmbedClientError
 
     target = _target(args)
@@ -543,17 +578,15 @@ def cmd_health(args: argparse.Namespace) -> int:
             if error.code != grpc.StatusCode.NOT_FOUND:
                 return fail(explain(error, target, timeout))
             return fail(unknown_service(client, args.service, target))
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    print(name)
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def unknown_service(client: Any, service: str, target: str) -> str:
-    from akidb.embedding.v1 import embedding_service_pb2 as pb
     from akidb_embed_client import EmbedClientError
 
     try:
-        loaded = [m.name for m in client.list_models() if m.state == pb.MODEL_STATE_LOADED]
+        loaded = [m.name for m in client.list_models() if m.state == "loaded"]
     except EmbedClientError:
         loaded = []
     models = f" or a loaded model ({', '.join(loaded)})" if loaded else " or a loaded model"

@@ -277,18 +277,19 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def tally(response: Any) -> tuple[int, int]:
-    """(texts answered, tokens) in one response message: an EmbedResponse's embeddings, or
-    one EmbedStreamResponse item (an item error counts as answered, with no tokens)."""
+    """(texts answered, tokens) in one response message: an EmbedResponse's rows, or one
+    EmbedStreamResponse's items (an item with its own error counts as answered, with no
+    tokens). Other messages count nothing."""
     embeddings = getattr(response, "embeddings", None)
-    if embeddings is not None:
-        return len(embeddings), int(getattr(response, "total_tokens", 0))
-    try:
-        kind = response.WhichOneof("result")
-    except (AttributeError, ValueError):
+    if embeddings is None:
         return 0, 0
-    if kind == "embedding":
-        return 1, int(response.embedding.token_count)
-    return (1, 0) if kind == "error" else (0, 0)
+    ids = getattr(response, "ids", None)
+    counts = getattr(embeddings, "token_counts", None)
+    if ids is not None:  # a stream message: every id is answered, by a row or an error
+        return len(ids), sum(counts or ())
+    if counts is not None:  # a unary EmbedResponse: one row per text
+        return len(counts), int(getattr(response, "total_tokens", 0) or sum(counts))
+    return 0, 0
 
 
 async def _checked(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:

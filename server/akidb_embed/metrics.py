@@ -246,8 +246,8 @@ class Metrics:
         self.model_loads.labels(model, "ok").inc()
         self.model_load_seconds.labels(model).observe(time.perf_counter() - started)
 
-    def stream_item(self, code: str) -> None:
-        self.stream_items.labels(code).inc()
+    def stream_items_answered(self, code: str, count: int) -> None:
+        self.stream_items.labels(code).inc(count)
 
 
 class MetricsEndpoint:

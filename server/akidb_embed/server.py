@@ -29,12 +29,15 @@ from .residency import ModelBudget
 from .service import EmbeddingService, Limits
 from .servicer import EmbeddingServicer
 from .unix_socket import prepare_socket_path
-from .workers import WorkerPool
+from .workers import Watchdog, WorkerPool
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Bulk batches while queries arrive (docs/performance.md has the measurements behind these).
+DEFAULT_BULK_BATCH_MS = 25.0
+DEFAULT_BULK_FILL_MS = 2.0
 
 
 @dataclass
@@ -50,7 +53,10 @@ class ServerConfig:
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
-    stream_window: int = 256
+    stream_window: int = 1024
+    bulk_batch_seconds: float = DEFAULT_BULK_BATCH_MS / 1000
+    bulk_fill_seconds: float = DEFAULT_BULK_FILL_MS / 1000
+    watchdog: Watchdog = field(default_factory=Watchdog)
     limits: Limits = field(default_factory=Limits)
     budget: ModelBudget = field(default_factory=ModelBudget)
     allow_downloads: bool = False
@@ -78,12 +84,16 @@ class EmbeddingServer:
         for directory in config.local_model_dirs:
             self.registry.add_local(directory)
         self.metrics = Metrics()
-        self.pool = WorkerPool(config.workers) if config.workers > 0 else None
+        self.pool = (
+            WorkerPool(config.workers, watchdog=config.watchdog) if config.workers > 0 else None
+        )
         self.worker = ComputeWorker(
             config.max_batch_tokens,
             config.max_batch_size,
             on_batch=self.metrics.observe_batch,
             pool=self.pool,
+            bulk_batch_seconds=config.bulk_batch_seconds,
+            bulk_fill_seconds=config.bulk_fill_seconds,
         )
         self.service = EmbeddingService(
             self.registry,
@@ -106,13 +116,20 @@ class EmbeddingServer:
         )
         self.addresses: list[str] = []
         self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen, then load and warm the models; health is NOT_SERVING until they are."""
         backend = describe_backend()
         pb_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingServicer(self.service, backend, self.config.stream_window, self.metrics),
+            EmbeddingServicer(
+                self.service,
+                backend,
+                self.config.stream_window,
+                self.metrics,
+                self.config.max_message_bytes,
+            ),
             self.server,
         )
         self.metrics.build.info({"version": self.service.version, "backend": backend})
@@ -134,7 +151,10 @@ class EmbeddingServer:
         for name in self.config.models:
             await self.service.engine(name, pin=True)
         self.service.ready = True
-        await self._set_all(SERVING)
+        self._loop = asyncio.get_running_loop()
+        if self.pool is not None:
+            self.pool.on_capacity_change(self._capacity_changed)
+        await self._set_all(SERVING if self.service.can_serve() else NOT_SERVING)
         if self.config.budget.keep_alive_seconds:
             self._reaper = asyncio.create_task(self._unload_idle_models())
         log.info(
@@ -142,6 +162,23 @@ class EmbeddingServer:
             describe_backend(),
             f"{self.pool.processes} engine worker processes" if self.pool else "in-process engine",
         )
+
+    def _capacity_changed(self) -> None:
+        """(a pool thread) Engine workers died or came back: health follows."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def update() -> None:
+            if self._stopped.is_set():
+                return
+            serving = self.service.can_serve()
+            if not serving:
+                log.warning("NOT_SERVING: %s", self.service.capacity_reason())
+            await self._set_all(SERVING if serving else NOT_SERVING)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            asyncio.run_coroutine_threadsafe(update(), loop)
 
     async def _model_changed(self, name: str, serving: bool) -> None:
         if not self._stopped.is_set():

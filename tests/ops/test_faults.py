@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -55,14 +54,14 @@ def test_damaged_model_is_a_clear_failed_precondition_and_the_default_keeps_serv
         assert item.error.code == grpc.StatusCode.FAILED_PRECONDITION
 
         models = {m.name: m for m in client.list_models()}
-        assert models[name].state == pb.MODEL_STATE_FAILED
+        assert models[name].state == "failed"
         assert DAMAGE_HINTS[name] in models[name].state_reason
-        assert models[MODEL].state == pb.MODEL_STATE_LOADED
+        assert models[MODEL].state == "loaded"
 
-        assert client.check(name) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert client.check() == health_pb2.HealthCheckResponse.SERVING
-        assert client.check(MODEL) == health_pb2.HealthCheckResponse.SERVING
-        assert client.health().status == pb.SERVING_STATUS_SERVING
+        assert client.check(name) == "NOT_SERVING"
+        assert client.check() == "SERVING"
+        assert client.check(MODEL) == "SERVING"
+        assert client.health().serving
         vectors = client.embed(["the default model still works"]).vectors
         assert vectors.shape == (1, 384) and np.isfinite(vectors).all()
         after = scrape(ops_server)
@@ -72,7 +71,7 @@ def test_damaged_model_is_a_clear_failed_precondition_and_the_default_keeps_serv
 
 def endless_requests() -> Iterator[pb.EmbedStreamRequest]:
     for i in itertools.count():
-        yield pb.EmbedStreamRequest(id=str(i), text=f"item {i} of an endless stream")
+        yield pb.EmbedStreamRequest(ids=[str(i)], texts=[f"item {i} of an endless stream"])
 
 
 def wait_for(predicate: object, timeout: float = 30) -> None:
@@ -93,7 +92,7 @@ def test_clients_that_cancel_or_time_out_mid_stream(ops_server: ServerThread) ->
     with grpc.insecure_channel(f"unix:{ops_server.target}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         call = stub.EmbedStream(endless_requests(), timeout=60)
-        assert [next(call).id for _ in range(3)] == ["0", "1", "2"]
+        assert [list(next(call).ids) for _ in range(3)] == [["0"], ["1"], ["2"]]
         call.cancel()
         expired = stub.EmbedStream(endless_requests(), timeout=1.5)
         with pytest.raises(grpc.RpcError) as info:
@@ -105,7 +104,7 @@ def test_clients_that_cancel_or_time_out_mid_stream(ops_server: ServerThread) ->
     for code in ("CANCELLED", "DEADLINE_EXCEEDED"):
         assert handled(after, "EmbedStream", code) - handled(before, "EmbedStream", code) == 1
     with EmbedClient(ops_server.target, timeout=30) as client:
-        assert client.check() == health_pb2.HealthCheckResponse.SERVING
+        assert client.check() == "SERVING"
         assert client.embed(["still fine"]).vectors.shape == (1, 384)
 
 
@@ -118,7 +117,7 @@ VANISHING_CLIENT = textwrap.dedent(
 
     def requests():
         for i in itertools.count():
-            yield pb.EmbedStreamRequest(id=str(i), text=f"item {i} of an endless stream")
+            yield pb.EmbedStreamRequest(ids=[str(i)], texts=[f"item {i} of an endless stream"])
 
     channel = grpc.insecure_channel("unix:" + sys.argv[1])
     call = pb_grpc.EmbeddingServiceStub(channel).EmbedStream(requests())
@@ -156,7 +155,7 @@ def test_client_process_killed_mid_stream(ops_server: ServerThread) -> None:
     )
     wait_for(lambda: queue_drained(ops_server))
     with EmbedClient(ops_server.target, timeout=30) as healthy:
-        assert healthy.check() == health_pb2.HealthCheckResponse.SERVING
+        assert healthy.check() == "SERVING"
         assert healthy.embed(["after the client vanished"]).vectors.shape == (1, 384)
 
 
@@ -195,22 +194,24 @@ async def stream_until_told_to_stop(
                 index = (n + worker) % len(REFERENCE_TEXTS)
                 item_id = f"w{worker}-{n}"
                 sent.append((item_id, index))  # before the write: its answer may come first
-                await call.write(pb.EmbedStreamRequest(id=item_id, text=REFERENCE_TEXTS[index]))
+                await call.write(
+                    pb.EmbedStreamRequest(ids=[item_id], texts=[REFERENCE_TEXTS[index]])
+                )
             await call.done_writing()
 
         writer = asyncio.create_task(write())
         try:
             async for response in call:
                 item_id, index = sent[received]
-                assert response.id == item_id, (response.id, item_id)
+                assert list(response.ids) == [item_id], (response.ids, item_id)
                 received += 1
-                if response.WhichOneof("result") == "embedding":
-                    vector = np.frombuffer(response.embedding.vector, dtype="<f4")
+                if not response.errors:
+                    vector = np.frombuffer(response.embeddings.vectors, dtype="<f4")
                     np.testing.assert_allclose(vector, reference[index], atol=1e-4)
                     report.stream_items_ok += 1
                 else:
                     code = grpc.StatusCode.UNAVAILABLE.value[0]
-                    assert response.error.code == code, response.error
+                    assert response.errors[0].code == code, response.errors
                     report.codes["item UNAVAILABLE"] += 1
                     stop.set()
         except grpc.aio.AioRpcError as error:
@@ -240,7 +241,7 @@ async def unary_until_refused(
                 assert error.code() == grpc.StatusCode.UNAVAILABLE, error
                 report.codes["unary UNAVAILABLE"] += 1
                 return
-            vectors = np.frombuffer(b"".join(e.vector for e in response.embeddings), "<f4")
+            vectors = np.frombuffer(response.embeddings.vectors, "<f4")
             np.testing.assert_allclose(vectors.reshape(4, -1), reference[indices], atol=1e-4)
             report.unary_ok += 1
 

@@ -54,7 +54,7 @@ from akidb_embed_client import EmbedClient
 with EmbedClient(sys.argv[1], timeout=30) as client:
     result = client.embed(["installed alone"])
     print(json.dumps({"shape": list(result.vectors.shape), "model": result.model,
-                      "serving": client.check() == 1}))
+                      "serving": client.check() in (1, "SERVING")}))
 """
 
 

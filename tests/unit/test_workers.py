@@ -12,8 +12,12 @@ from akidb_embed.engine import EmbedOptions
 from akidb_embed.errors import ModelLoadError, ModelNotAvailable, Unavailable
 from akidb_embed.loader import load_engine
 from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.tokenization import pack
 from akidb_embed.workers import (
+    FAULT_TOKEN_ENV,
     ModelSpec,
+    Watchdog,
+    WorkerCrashed,
     WorkerPool,
     cgroup_cpu_limit,
     default_batch_tokens,
@@ -45,7 +49,8 @@ def test_workers_give_the_in_process_engines_vectors(pool: WorkerPool) -> None:
     engine = load_engine(MINILM, name="minilm", source="minilm", revision="test")
     ids = [t.ids for t in engine.tokenize(TEXTS, EmbedOptions())]
     batches = [ids[:2], ids[2:], ids, ids[3:]]
-    futures = [pool.submit("minilm", batch) for batch in batches]  # both processes at once
+    packed = [pack(batch) for batch in batches]
+    futures = [pool.submit("minilm", p.ids, p.lengths) for p in packed]  # both at once
     for batch, future in zip(batches, futures, strict=True):
         got = future.result(60)
         assert got.dtype == np.float32 and got.shape == (len(batch), 384)
@@ -65,15 +70,78 @@ def test_a_broken_model_directory_fails_the_load_with_its_reason(tmp_path: Path)
         workers.load(ModelSpec("broken", tmp_path, "broken", "test"))
 
 
-def test_a_dead_worker_reports_unavailable() -> None:
-    workers = WorkerPool(1)
-    try:
-        workers._workers[0].process.kill()
-        workers._workers[0].process.join(10)
-        with pytest.raises(Unavailable, match="died"):
-            workers.forward("m", [[1, 2]])
-    finally:
-        workers.close()
+def wait_until(predicate: object, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@needs_minilm
+def test_a_killed_worker_is_replaced_and_its_batch_runs_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    assert MINILM is not None
+    with WorkerPool(1, watchdog=Watchdog(min_seconds=30)) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        expected = workers.forward("minilm", [[101, 7592, 102]])
+        # A long batch, killed while it computes: the caller still gets its vectors.
+        rows = [[101, *range(2000, 2250), 102]] * 64
+        packed = pack(rows)
+        future = workers.submit("minilm", packed.ids, packed.lengths)
+        [pid] = workers.pids()
+        os.kill(pid, signal.SIGKILL)
+        got = future.result(120)
+        assert got.shape == (64, 384) and np.isfinite(got).all()
+        assert workers.restarts == 1 and workers.reruns == 1 and workers.failed_batches == 0
+        assert workers.pids() != [pid]
+        wait_until(lambda: workers.ready_count == 1)
+        np.testing.assert_allclose(workers.forward("minilm", [[101, 7592, 102]]), expected)
+        # A worker that dies while idle is replaced too.
+        [pid] = workers.pids()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: workers.restarts == 2 and workers.ready_count == 1)
+        np.testing.assert_allclose(workers.forward("minilm", [[101, 7592, 102]]), expected)
+
+
+@needs_minilm
+def test_a_batch_that_always_kills_its_worker_fails_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert MINILM is not None
+    monkeypatch.setenv(FAULT_TOKEN_ENV, "4242")  # spawned workers inherit it
+    with WorkerPool(2) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        with pytest.raises(WorkerCrashed, match="killed the engine twice") as info:
+            workers.forward("minilm", [[101, 4242, 102], [101, 7592, 102]])
+        assert "exited with code 70" in info.value.message
+        assert workers.reruns == 1 and workers.failed_batches == 1
+        wait_until(lambda: workers.ready_count == 2)
+        assert workers.forward("minilm", [[101, 7592, 102]]).shape == (1, 384)
+
+
+@needs_minilm
+def test_a_hung_worker_is_killed_by_the_watchdog_and_its_batch_runs_again() -> None:
+    import os
+    import signal
+    import time
+
+    assert MINILM is not None
+    with WorkerPool(1, watchdog=Watchdog(min_seconds=1.0, first_seconds=1.0)) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        [pid] = workers.pids()
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        got = workers.forward("minilm", [[101, 7592, 102]])
+        assert got.shape == (1, 384)
+        assert time.monotonic() - started < 30
+        assert workers.restarts == 1 and workers.reruns == 1
+        assert "stopped answering" in workers.last_failure
 
 
 def test_a_closed_pool_refuses_work() -> None:
@@ -84,7 +152,7 @@ def test_a_closed_pool_refuses_work() -> None:
 
 
 def test_defaults_depend_on_the_backend() -> None:
-    assert default_workers(on_gpu=True) == 0
+    assert default_workers(on_gpu=True) == 1  # supervised, even on one device
     assert default_batch_tokens(on_gpu=True) > default_batch_tokens(on_gpu=False)
 
 
@@ -109,7 +177,6 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
     import time
 
     import psutil
-    from grpc_health.v1 import health_pb2
 
     from akidb_embed_client import EmbedClient
 
@@ -125,7 +192,7 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
         while time.monotonic() < deadline:
             try:
                 with EmbedClient(str(socket), timeout=2) as client:
-                    if client.check() == health_pb2.HealthCheckResponse.SERVING:
+                    if client.check() == "SERVING":
                         assert client.embed(["a text"]).vectors.shape == (1, 384)
                         break
             except Exception:
@@ -182,4 +249,4 @@ def test_the_default_worker_count_fits_the_memory_budget(monkeypatch: pytest.Mon
     # The container limit is used when no budget is given.
     monkeypatch.setattr(workers, "cgroup_memory_limit", lambda: 1024 * mib)
     assert workers.default_workers(False) == 2
-    assert workers.default_workers(True) == 0
+    assert workers.default_workers(True) == 1  # a GPU: one supervised worker
