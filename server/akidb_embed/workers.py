@@ -111,9 +111,9 @@ def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | 
     return None if quota == "max" else int(quota) / int(period)
 
 
-# Measured with all-minilm-l6-v2 (docs/performance.md): each engine worker is ~197 MB RSS,
-# ~165 MB of it private (Python, MLX, the tokenizer, its copy of the weights); the server
-# process itself ~190 MB. A worker costs its base plus the weights of the models it loads.
+# Measured with all-minilm-l6-v2 (docs/operations.md): each engine worker is ~205 MB RSS,
+# ~170 MB of it private (Python, MLX, the tokenizer, its copy of the weights); the server
+# process itself ~205 MB. A worker costs its base plus the weights of the models it loads.
 WORKER_BASE_BYTES = 110 * 2**20
 SERVER_BYTES = 256 * 2**20
 DEFAULT_MODEL_BYTES = 90 * 2**20
