@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from .workers import RowFailures
+
 if TYPE_CHECKING:
     from .workers import WorkerPool
 
@@ -182,6 +184,8 @@ BULK_WINDOW_BATCHES = 8
 INTERACTIVE_RECENT_SECONDS = 2.0
 # The smallest bulk batch the time budget may cut to (fewer tokens cost more per token).
 MIN_BULK_BATCH_TOKENS = 64
+# The largest a bulk batch may grow to for a fast model (its activations stay small).
+MAX_BULK_BATCH_TOKENS = 16384
 
 
 @dataclass
@@ -303,16 +307,21 @@ class ComputeWorker:
     # --- Planning (lock held) -------------------------------------------------------------
 
     def _bulk_batch_tokens(self, model: str, now: float) -> int:
-        """The token budget of the next bulk batch: all of it, unless queries are about."""
+        """The token budget of the next bulk batch, from the model's measured speed: about
+        `bulk_batch_seconds` of compute. While queries arrive, at most `max_batch_tokens`
+        (a query waits for at most one such batch); with none, at least that, and more for a
+        model so fast that a batch's fixed cost would dominate."""
         speed = self._speed.get(model)
-        if (
-            not self.bulk_batch_seconds
-            or speed is None
-            or now - self._last_interactive > INTERACTIVE_RECENT_SECONDS
-        ):
+        if not self.bulk_batch_seconds or speed is None:
             return self.max_batch_tokens
         budget = int(speed * self.bulk_batch_seconds)
+        if now - self._last_interactive > INTERACTIVE_RECENT_SECONDS:
+            return max(self.max_batch_tokens, min(MAX_BULK_BATCH_TOKENS, budget))
         return max(MIN_BULK_BATCH_TOKENS, min(self.max_batch_tokens, budget))
+
+    def _bulk_batch_rows(self, tokens: int) -> int:
+        """Rows per bulk batch: the configured cap, raised with a raised token budget."""
+        return max(self.max_batch_size, self.max_batch_size * tokens // self.max_batch_tokens)
 
     def _take_from(
         self, queues: dict[str, deque[Group]], max_tokens: int, max_rows: int
@@ -348,7 +357,9 @@ class ComputeWorker:
             return window
         return window
 
-    def _plan(self, window: _Window, batch_tokens: int) -> list[list[tuple[Group, int]]]:
+    def _plan(
+        self, window: _Window, batch_tokens: int, batch_rows: int
+    ) -> list[list[tuple[Group, int]]]:
         rows: list[tuple[Group, int]] = []
         lengths: list[np.ndarray] = []
         for group, start, stop in window.spans:
@@ -356,7 +367,7 @@ class ComputeWorker:
             lengths.append(np.diff(group.offsets[start : stop + 1]))
         if not rows:
             return []
-        plan = plan_batches(np.concatenate(lengths), batch_tokens, self.max_batch_size)
+        plan = plan_batches(np.concatenate(lengths), batch_tokens, batch_rows)
         return [[rows[i] for i in indices] for indices in plan]
 
     def _next_batch(self, now: float) -> list[tuple[Group, int]]:
@@ -364,19 +375,18 @@ class ComputeWorker:
         window."""
         window = self._take_from(self._interactive, self.max_batch_tokens, self.max_batch_size)
         if window.spans:
-            first, *rest = self._plan(window, self.max_batch_tokens)
+            first, *rest = self._plan(window, self.max_batch_tokens, self.max_batch_size)
             self._ready.extendleft(reversed(rest))
             return first
         if not self._ready:
             name = next((n for n, q in self._bulk.items() if q), None)
             if name is not None:
                 tokens = self._bulk_batch_tokens(name, now)
+                rows = self._bulk_batch_rows(tokens)
                 window = self._take_from(
-                    self._bulk,
-                    BULK_WINDOW_BATCHES * tokens,
-                    BULK_WINDOW_BATCHES * self.max_batch_size,
+                    self._bulk, BULK_WINDOW_BATCHES * tokens, BULK_WINDOW_BATCHES * rows
                 )
-                self._ready.extend(self._plan(window, tokens))
+                self._ready.extend(self._plan(window, tokens, rows))
         return self._ready.popleft() if self._ready else []
 
     def _fill_wait(self, now: float) -> float:
@@ -489,6 +499,8 @@ class ComputeWorker:
                 error = future.exception()
                 if error is None:
                     self._finish(batch, future.result(), started)
+                elif isinstance(error, RowFailures):
+                    self._finish(batch, error.vectors, started, error.errors)
                 else:
                     self._fail(batch, error)
             finally:
@@ -504,11 +516,21 @@ class ComputeWorker:
             for group, rows in batch.parts:
                 group.fail(rows, exc)
 
-    def _finish(self, batch: Batch, vectors: np.ndarray, started: float) -> None:
+    def _finish(
+        self,
+        batch: Batch,
+        vectors: np.ndarray,
+        started: float,
+        failed: dict[int, BaseException] | None = None,
+    ) -> None:
         done = time.monotonic()
         with self._cond:
             position = 0
             for group, rows in batch.parts:
+                for offset in range(len(rows)) if failed else ():
+                    error = failed.get(position + offset) if failed else None
+                    if error is not None:
+                        group.errors[int(rows[offset])] = error
                 group.deliver(rows, vectors[position : position + len(rows)])
                 position += len(rows)
             seconds = done - started

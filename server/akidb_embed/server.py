@@ -53,7 +53,7 @@ class ServerConfig:
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
-    stream_window: int = 1024
+    stream_window: int = 4096
     bulk_batch_seconds: float = DEFAULT_BULK_BATCH_MS / 1000
     bulk_fill_seconds: float = DEFAULT_BULK_FILL_MS / 1000
     watchdog: Watchdog = field(default_factory=Watchdog)

@@ -142,7 +142,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self,
         service: EmbeddingService,
         backend: str,
-        stream_window: int = 1024,
+        stream_window: int = 4096,
         metrics: Metrics | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:

@@ -69,9 +69,18 @@ class ModelSpec:
 
 
 class WorkerCrashed(EmbedError):
-    """A batch killed engine worker processes twice; it is not tried again."""
+    """A text killed engine worker processes twice; it is not tried again."""
 
     kind = ErrorKind.INTERNAL
+
+
+class RowFailures(Exception):
+    """Some rows of a batch failed: `vectors` holds the others' rows (failed rows zero)."""
+
+    def __init__(self, vectors: np.ndarray, errors: dict[int, BaseException]) -> None:
+        super().__init__(f"{len(errors)} of {len(vectors)} rows failed")
+        self.vectors = vectors
+        self.errors = errors
 
 
 # --- Messages between the processes -----------------------------------------------------
@@ -614,27 +623,65 @@ class WorkerPool:
             job.future.set_result(reply.vectors)  # type: ignore[arg-type]
 
     def _requeue_or_fail(self, job: _Job, slot: _Slot, how: str) -> None:
+        """A process died computing `job`. The first time, its texts run again one by one,
+        first in line for the next free process, so that a text that kills the engine takes
+        only itself down the second time; a text that kills it again fails."""
         name = f"engine worker {slot.index} (pid {slot.process.pid if slot.process else '?'})"
-        job.attempts += 1
+        failure = f"{name} {how}"
+        if job.attempts == 0 and not self._closing:
+            log.warning("%s computing a batch of %d; running it again", failure, len(job.lengths))
+            self._rerun_rows(job, failure)
+            return
         with self._cond:
-            if job.attempts < 2 and not self._closing:
-                self.reruns += 1
-                job.first_failure = f"{name} {how}"
-                self._jobs.appendleft(job)  # first in line for the next free process
-                self._cond.notify_all()
-                log.warning(
-                    "%s %s computing a batch of %d; running it again", name, how, len(job.lengths)
-                )
-                return
             self.failed_batches += 1
         message = (
-            f"this batch of {len(job.lengths)} texts killed the engine twice "
-            f"({job.first_failure}; then {name} {how}); it was not tried again. Other texts are "
-            "unaffected; if it repeats, check the server's memory limit or the texts themselves"
+            f"this text killed the engine twice ({job.first_failure}; then {failure}); it was "
+            "not tried again. Other texts are unaffected; if it repeats, check the server's "
+            "memory limit or the text itself"
         )
         self.last_failure = message
         log.error("%s", message)
         job.future.set_exception(WorkerCrashed(message))
+
+    def _rerun_rows(self, job: _Job, failure: str) -> None:
+        starts = np.concatenate([[0], np.cumsum(job.lengths)[:-1]]).astype(np.int64)
+        rows = [
+            _Job(
+                job.model,
+                job.ids[start : start + length],
+                job.lengths[index : index + 1],
+                Future(),
+                attempts=1,
+                first_failure=failure,
+            )
+            for index, (start, length) in enumerate(zip(starts, job.lengths.tolist(), strict=True))
+        ]
+        remaining = [len(rows)]
+        lock = threading.Lock()
+
+        def row_done(_: Future[np.ndarray]) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            errors = {i: r.future.exception() for i, r in enumerate(rows) if r.future.exception()}
+            good = [r.future.result() for r in rows if not r.future.exception()]
+            if not errors:
+                job.future.set_result(np.concatenate(good))
+                return
+            width = good[0].shape[1] if good else 0
+            vectors = np.zeros((len(rows), width), dtype=np.float32)
+            for i, r in enumerate(rows):
+                if i not in errors:
+                    vectors[i] = r.future.result()[0]
+            job.future.set_exception(RowFailures(vectors, errors))  # type: ignore[arg-type]
+
+        with self._cond:
+            self.reruns += 1
+            self._jobs.extendleft(reversed(rows))
+            self._cond.notify_all()
+        for row in rows:
+            row.future.add_done_callback(row_done)
 
     def _respawn(self, slot: _Slot, how: str) -> None:
         with self._cond:

@@ -162,7 +162,7 @@ def test_health_rpcs(server: ServerThread, client: EmbedClient) -> None:
     health = client.health()
     assert health.status == "SERVING" and health.serving
     assert health.limits.max_texts_per_request == 1024
-    assert health.limits.stream_window == 1024
+    assert health.limits.stream_window == 4096
     assert health.limits.max_message_bytes == 64 * 1024 * 1024
     assert health.version
     assert health.uptime_seconds > 0

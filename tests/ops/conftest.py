@@ -142,7 +142,13 @@ def server_env() -> dict[str, str]:
 class ServerProcess:
     """`python -m akidb_embed serve` in a subprocess, as an operator would run it."""
 
-    def __init__(self, socket_path: Path, log_path: Path, *args: str) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        log_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
         self._log = log_path.open("wb")
@@ -160,7 +166,7 @@ class ServerProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=server_env(),
+            env=server_env() | (env or {}),
             cwd=REPO,
         )
 

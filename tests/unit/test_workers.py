@@ -16,6 +16,7 @@ from akidb_embed.tokenization import pack
 from akidb_embed.workers import (
     FAULT_TOKEN_ENV,
     ModelSpec,
+    RowFailures,
     Watchdog,
     WorkerCrashed,
     WorkerPool,
@@ -117,10 +118,17 @@ def test_a_batch_that_always_kills_its_worker_fails_alone(
     monkeypatch.setenv(FAULT_TOKEN_ENV, "4242")  # spawned workers inherit it
     with WorkerPool(2) as workers:
         workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
-        with pytest.raises(WorkerCrashed, match="killed the engine twice") as info:
+        # The batch is re-run text by text: the good text gets its vector, the bad one fails.
+        with pytest.raises(RowFailures) as info:
             workers.forward("minilm", [[101, 4242, 102], [101, 7592, 102]])
-        assert "exited with code 70" in info.value.message
-        assert workers.reruns == 1 and workers.failed_batches == 1
+        assert list(info.value.errors) == [0]
+        error = info.value.errors[0]
+        assert isinstance(error, WorkerCrashed) and "killed the engine twice" in error.message
+        assert "exited with code 70" in error.message
+        np.testing.assert_allclose(
+            info.value.vectors[1], workers.forward("minilm", [[101, 7592, 102]])[0], atol=1e-6
+        )
+        assert workers.reruns == 1 and workers.failed_batches == 1 and workers.restarts == 2
         wait_until(lambda: workers.ready_count == 2)
         assert workers.forward("minilm", [[101, 7592, 102]]).shape == (1, 384)
 

@@ -33,8 +33,8 @@ from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-# Items sent on a stream and not yet answered (the server works on 1024 at a time).
-DEFAULT_MAX_IN_FLIGHT = 2048
+# Items sent on a stream and not yet answered (the server works on 4096 at a time).
+DEFAULT_MAX_IN_FLIGHT = 8192
 # What one stream message carries at most.
 DEFAULT_MAX_ITEMS_PER_MESSAGE = 256
 DEFAULT_MAX_CHARS_PER_MESSAGE = 1 << 20
