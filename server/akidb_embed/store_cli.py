@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
@@ -23,7 +24,8 @@ EXIT_ERROR = 1
 
 
 def _err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """The same prefix as every other command's errors (and argparse's)."""
+    print(f"akidb-embed: error: {message}", file=sys.stderr)
 
 
 def _note(message: str) -> None:
@@ -49,6 +51,12 @@ def add_pull_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="fetch every file again, even if cached"
     )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar per file (default: when stderr is a terminal)",
+    )
     parser.set_defaults(handler=run_pull)
     return parser
 
@@ -58,16 +66,21 @@ def run_pull(args: argparse.Namespace, registry: Registry | None = None) -> int:
     try:
         name = args.name if not args.revision else f"{args.name.split('@')[0]}@{args.revision}"
         entry = registry.resolve(name)
-        located = registry.pull(entry, force=args.force, notify=_note)
+        _note(f"pulling {entry.name} ({entry.source}) into {registry.root}")
+        started = time.monotonic()
+        located = registry.pull(
+            entry, force=args.force, notify=_note, progress=getattr(args, "progress", None)
+        )
     except EmbedError as exc:
         _err(exc.message)
         return EXIT_ERROR
     except KeyboardInterrupt:
         _err(f"pull of {args.name} interrupted; run the same command to finish it")
         return 130
+    seconds = time.monotonic() - started
     print(
         f"{entry.name}: {entry.source} at {located.revision} "
-        f"({human_size(located.size_bytes)}) in {located.directory}"
+        f"({human_size(located.size_bytes)} on disk, {seconds:.1f} s) in {located.directory}"
     )
     return EXIT_OK
 

@@ -9,18 +9,13 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from akidb_embed_client.paths import default_socket_path
+
+__all__ = ["SocketInUse", "default_socket_path", "prepare_socket_path"]
+
 
 class SocketInUse(Exception):
     """A live server already listens on the path, or the path is not ours to replace."""
-
-
-def default_socket_path() -> Path:
-    """$AKIDB_EMBED_SOCKET, else a per-user runtime directory that only the user can write."""
-    if env := os.environ.get("AKIDB_EMBED_SOCKET"):
-        return Path(env)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "akidb-embed" if runtime else Path(f"/tmp/akidb-embed-{os.getuid()}")
-    return base / "embed.sock"
 
 
 def _is_live(path: Path) -> bool:

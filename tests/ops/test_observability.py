@@ -177,7 +177,7 @@ def test_every_log_line_of_a_request_carries_its_id(
     lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
     mine = [line for line in lines if line.get("request_id") == "trace-load-7"]
     loggers = {line["logger"] for line in mine}
-    assert {"akidb_embed.service", "akidb_embed.interceptor"} <= loggers, lines
+    assert {"akidb_embed.service", "akidb_embed.access"} <= loggers, lines
     assert any("FAILED_PRECONDITION" in line["message"] for line in mine)
     for line in lines:
         if "broken-truncated" in line["message"]:

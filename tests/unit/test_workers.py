@@ -221,3 +221,40 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_the_cgroup_memory_limit_is_read(tmp_path: Path) -> None:
+    from akidb_embed.workers import cgroup_memory_limit
+
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    assert cgroup_memory_limit(v2, v1) is None  # neither file: no limit known
+    v2.write_text("2147483648\n")
+    assert cgroup_memory_limit(v2, v1) == 2 * 2**30
+    v2.write_text("max\n")
+    assert cgroup_memory_limit(v2, v1) is None
+    v2.unlink()
+    v1.write_text(str(2**63 - 4096))  # cgroup v1's "unlimited"
+    assert cgroup_memory_limit(v2, v1) is None
+    v1.write_text(str(512 * 2**20))
+    assert cgroup_memory_limit(v2, v1) == 512 * 2**20
+
+
+def test_the_default_worker_count_fits_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from akidb_embed import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    monkeypatch.setattr(workers, "cgroup_cpu_limit", lambda: None)
+    mib = 2**20
+    # Plenty of memory: one per core.
+    assert workers.default_workers(False, memory_budget=64 * 2**30) == 16
+    # A 2 GiB container with the default model: 0.8 * 2048 - 256 - 90 = 1292 MiB, 200 each.
+    assert workers.default_workers(False, memory_budget=2048 * mib) == 6
+    assert workers.default_workers(False, memory_budget=1024 * mib) == 2
+    # Too small for two workers: the models run in the server process.
+    assert workers.default_workers(False, memory_budget=512 * mib) == 0
+    # Bigger models, fewer workers.
+    assert workers.default_workers(False, 8192 * mib, model_bytes=1200 * mib) == 3
+    # The container limit is used when no budget is given.
+    monkeypatch.setattr(workers, "cgroup_memory_limit", lambda: 1024 * mib)
+    assert workers.default_workers(False) == 2
+    assert workers.default_workers(True) == 1  # a GPU: one supervised worker

@@ -20,7 +20,6 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict
 
 import grpc
@@ -29,6 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+
+from .paths import default_socket_path
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -69,11 +70,7 @@ class Options(TypedDict, total=False):
 
 def default_target() -> str:
     """The server's default socket: $AKIDB_EMBED_SOCKET, else the per-user runtime path."""
-    if env := os.environ.get("AKIDB_EMBED_SOCKET"):
-        return env
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "akidb-embed" if runtime else Path(f"/tmp/akidb-embed-{os.getuid()}")
-    return str(base / "embed.sock")
+    return str(default_socket_path())
 
 
 def grpc_target(target: str | None) -> str:
