@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .batching import ComputeWorker
-from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, finish
+from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, PromptKind, finish
 from .errors import (
     EmbedError,
     InvalidArgument,
@@ -30,6 +30,7 @@ from .loader import load_engine
 from .metrics import Metrics
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
+from .tokenization import TokenizedText, Truncation
 from .workers import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,21 @@ class EmbedResult:
     @property
     def total_tokens(self) -> int:
         return sum(e.token_count for e in self.embeddings)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """float32 (n, dims), one row per input in input order."""
+        if not self.embeddings:
+            return np.zeros((0, self.space.dimensions), dtype=np.float32)
+        return np.stack([e.vector for e in self.embeddings]).astype(np.float32, copy=False)
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [e.token_count for e in self.embeddings]
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [e.truncated for e in self.embeddings]
 
 
 @dataclass(frozen=True)
@@ -269,6 +285,54 @@ class EmbeddingService:
             ],
         )
 
+    async def embed_token_ids(
+        self, model: str, ids: Sequence[Sequence[int]], options: EmbedOptions
+    ) -> EmbedResult:
+        """Embed inputs already tokenised with the model's own tokenizer (special tokens
+        included), as they are: no prompt is added. Lists longer than the model's limit are
+        cut by `options.truncation` like texts are."""
+        self._check_accepting()
+        if not ids:
+            raise InvalidArgument("the token id lists are empty: send at least one list")
+        if len(ids) > self.limits.max_texts_per_request:
+            raise InvalidArgument(
+                f"{len(ids)} token id lists in one request; the limit is "
+                f"{self.limits.max_texts_per_request}: split the batch"
+            )
+        if options.prompt_kind is not PromptKind.NONE:
+            raise InvalidArgument(
+                "prompts apply to texts; token ids are embedded as they are: "
+                "put the prompt's tokens in the ids, or send text"
+            )
+        engine = await self.engine(model)
+        with self.residents.use(engine.name):
+            tokenized = check_token_ids(
+                ids,
+                engine.name,
+                engine.tokenizer.vocab_size,
+                engine.tokenizer.max_tokens,
+                options.truncation,
+            )
+            space = engine.space(options)
+            if self.worker.queued_tokens > self.limits.max_queued_tokens:
+                raise Overloaded(
+                    f"the server has {self.worker.queued_tokens} tokens queued (limit "
+                    f"{self.limits.max_queued_tokens}); retry with backoff"
+                )
+            interactive = len(ids) <= self.limits.interactive_max_texts
+            futures = [self.worker.submit(engine, t.ids, interactive) for t in tokenized]
+            vectors = await gather_vectors(futures)
+        return EmbedResult(
+            model=engine.name,
+            space=space,
+            embeddings=[
+                EmbeddedText(
+                    finish(vector, space.dimensions, options.normalize), len(t.ids), t.truncated
+                )
+                for vector, t in zip(vectors, tokenized, strict=True)
+            ],
+        )
+
     async def embed_item(
         self, model: str, text: str, options: EmbedOptions
     ) -> tuple[EmbeddedText, EmbeddingSpace]:
@@ -323,6 +387,39 @@ def check_text(text: str, index: int | None, max_chars: int) -> None:
         raise InvalidArgument(
             f"{where} has {len(text)} characters; the limit is {max_chars}: split it"
         )
+
+
+def check_token_ids(
+    ids: Sequence[Sequence[int]],
+    model: str,
+    vocab_size: int,
+    max_tokens: int,
+    truncation: Truncation,
+) -> list[TokenizedText]:
+    """Validate token id lists for `model` and cut the long ones by `truncation`."""
+    out = []
+    for index, row in enumerate(ids):
+        if not row:
+            raise InvalidArgument(f"token id list {index} is empty: send at least one token id")
+        for position, token in enumerate(row):
+            if not 0 <= token < vocab_size:
+                raise InvalidArgument(
+                    f"token id list {index} has {token} at position {position}, which is not "
+                    f"a token of model {model!r} (ids run from 0 to {vocab_size - 1}): "
+                    "tokenise with the model's own tokenizer"
+                )
+        if len(row) <= max_tokens:
+            out.append(TokenizedText(list(row), False))
+        elif truncation is Truncation.ERROR:
+            raise InvalidArgument(
+                f"token id list {index} has {len(row)} tokens but model {model!r} accepts at "
+                f"most {max_tokens}: shorten it, or set truncation to END or START"
+            )
+        elif truncation is Truncation.START:
+            out.append(TokenizedText(list(row[-max_tokens:]), True))
+        else:
+            out.append(TokenizedText(list(row[:max_tokens]), True))
+    return out
 
 
 async def gather_vectors(futures: list[concurrent.futures.Future[np.ndarray]]) -> list[np.ndarray]:
