@@ -4,6 +4,7 @@ base64 and float encodings, token id input, dimensions, models, /info and /healt
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import numpy as np
 import openai
@@ -27,9 +28,9 @@ def as_array(response: openai.types.CreateEmbeddingResponse) -> np.ndarray:
     return np.array([item.embedding for item in response.data], dtype=np.float32)
 
 
-def grpc_embed(server: ServerThread, texts: list[str], **options: object) -> object:
+def grpc_embed(server: ServerThread, texts: list[str], **options: Any) -> Any:
     with EmbedClient(server.target, timeout=120) as grpc_client:
-        return grpc_client.embed(texts, **options)  # type: ignore[arg-type]
+        return grpc_client.embed(texts, **options)
 
 
 def test_vectors_are_identical_to_grpc(http_server: ServerThread, client: openai.OpenAI) -> None:
@@ -41,17 +42,17 @@ def test_vectors_are_identical_to_grpc(http_server: ServerThread, client: openai
         assert [item.index for item in response.data] == list(range(len(DOCUMENTS)))
         assert all(item.object == "embedding" for item in response.data)
         assert response.model == MODEL
-        np.testing.assert_array_equal(as_array(response), expected.vectors)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(as_array(response), expected.vectors)
         # usage counts the tokens embedded, special tokens included, as gRPC's total_tokens.
-        assert response.usage.prompt_tokens == sum(expected.token_counts)  # type: ignore[attr-defined]
+        assert response.usage.prompt_tokens == sum(expected.token_counts)
         assert response.usage.total_tokens == response.usage.prompt_tokens
-    assert expected.token_counts[-1] == 256  # type: ignore[attr-defined]
+    assert expected.token_counts[-1] == 256
 
 
 def test_a_single_string_is_one_input(http_server: ServerThread, client: openai.OpenAI) -> None:
     response = client.embeddings.create(input="The cat sat on the mat.", model=MODEL)
     assert len(response.data) == 1 and len(response.data[0].embedding) == 384
-    expected = grpc_embed(http_server, ["The cat sat on the mat."]).vectors  # type: ignore[attr-defined]
+    expected = grpc_embed(http_server, ["The cat sat on the mat."]).vectors
     np.testing.assert_array_equal(as_array(response), expected)
     np.testing.assert_allclose(np.linalg.norm(as_array(response)), 1.0, atol=1e-5)
     # model may be left empty: the server's default model.
@@ -70,7 +71,7 @@ def test_base64_is_little_endian_float32(http_server: ServerThread) -> None:
     )
     assert decoded.shape == (3, 384)
     np.testing.assert_array_equal(decoded, np.array([i["embedding"] for i in floats["data"]]))
-    np.testing.assert_array_equal(decoded, grpc_embed(http_server, TEXTS[:3]).vectors)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(decoded, grpc_embed(http_server, TEXTS[:3]).vectors)
     assert encoded["object"] == "list"
     assert encoded["usage"] == floats["usage"]
 
@@ -96,7 +97,8 @@ def test_token_ids_give_the_vectors_of_their_texts(
     end = client.embeddings.create(input=[long_ids], model=MODEL)
     assert end.usage.prompt_tokens == 256
     np.testing.assert_allclose(
-        as_array(end), as_array(client.embeddings.create(input=[long_ids[:256]], model=MODEL)),
+        as_array(end),
+        as_array(client.embeddings.create(input=[long_ids[:256]], model=MODEL)),
         atol=1e-6,
     )
     start = client.embeddings.create(
@@ -109,13 +111,11 @@ def test_token_ids_give_the_vectors_of_their_texts(
     )
 
 
-def test_dimensions_are_matryoshka_sizes(
-    http_server: ServerThread, client: openai.OpenAI
-) -> None:
+def test_dimensions_are_matryoshka_sizes(http_server: ServerThread, client: openai.OpenAI) -> None:
     texts = ["vector database search", "a small green apple", "fast rust server"]
     small = client.embeddings.create(input=texts, model="tiny-qwen3", dimensions=32)
     assert [len(item.embedding) for item in small.data] == [32, 32, 32]
-    expected = grpc_embed(http_server, texts, model="tiny-qwen3", dimensions=32).vectors  # type: ignore[attr-defined]
+    expected = grpc_embed(http_server, texts, model="tiny-qwen3", dimensions=32).vectors
     np.testing.assert_array_equal(as_array(small), expected)
     np.testing.assert_allclose(np.linalg.norm(as_array(small), axis=1), 1.0, atol=1e-5)
     native = client.embeddings.create(input=texts, model="tiny-qwen3")
@@ -124,16 +124,17 @@ def test_dimensions_are_matryoshka_sizes(
     # The native size by number is the native vector.
     same = client.embeddings.create(input=texts, model="tiny-qwen3", dimensions=width)
     np.testing.assert_array_equal(as_array(same), as_array(native))
-    assert len(client.embeddings.create(input="x", model=MODEL, dimensions=384).data[0].embedding) == 384
+    same_size = client.embeddings.create(input="x", model=MODEL, dimensions=384)
+    assert len(same_size.data[0].embedding) == 384
 
 
 def test_extensions_normalize_and_prompts(http_server: ServerThread) -> None:
     body = {"input": "capital of France", "model": MODEL, "encoding_format": "float"}
     _, _, raw = http(http_server, "POST", "/v1/embeddings", {**body, "normalize": False})
     _, _, prefixed = http(http_server, "POST", "/v1/embeddings", {**body, "prompt": "query: "})
-    expected_raw = grpc_embed(http_server, [body["input"]], normalize=False).vectors[0]  # type: ignore[attr-defined]
+    expected_raw = grpc_embed(http_server, [body["input"]], normalize=False).vectors[0]
     np.testing.assert_array_equal(np.array(raw["data"][0]["embedding"], "f4"), expected_raw)
-    literal = grpc_embed(http_server, ["query: capital of France"]).vectors[0]  # type: ignore[attr-defined]
+    literal = grpc_embed(http_server, ["query: capital of France"]).vectors[0]
     np.testing.assert_allclose(prefixed["data"][0]["embedding"], literal, atol=1e-6)
 
 

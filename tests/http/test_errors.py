@@ -166,9 +166,11 @@ def test_full_queue_is_429_with_retry_after(strict_server: ServerThread) -> None
     while worker.queued_tokens <= 500 and time.monotonic() < deadline:
         time.sleep(0.002)
     assert worker.queued_tokens > 500, "the batch never filled the queue"
-    with openai_client(strict_server, API_KEY) as client:
-        with pytest.raises(openai.RateLimitError) as info:
-            client.embeddings.create(input="one more", model=MODEL)
+    with (
+        openai_client(strict_server, API_KEY) as client,
+        pytest.raises(openai.RateLimitError) as info,
+    ):
+        client.embeddings.create(input="one more", model=MODEL)
     assert info.value.status_code == 429 and info.value.code == "resource_exhausted"
     assert "tokens queued (limit 500)" in info.value.message
     assert info.value.response.headers["retry-after"] == "1"
