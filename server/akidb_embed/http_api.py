@@ -696,6 +696,9 @@ class HttpEndpoint:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        # uvicorn's own lines ("Started server process", "Shutting down") repeat what the
+        # server logs; its warnings and errors still come through.
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         sock = listen(self.host, self.port)
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(
