@@ -254,9 +254,11 @@ def test_serve_refuses_bad_http_flags(tmp_path: Path) -> None:
 def test_a_taken_http_port_fails_the_start(socket_dir: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        thread = ServerThread(ServerConfig(socket_path=socket_dir / "e.sock", http_port=port))
-        with pytest.raises(Exception, match=f"cannot listen for HTTP on 127.0.0.1:{port}"):
-            thread.start()
+        out = run_serve("--socket", str(socket_dir / "e.sock"), "--http-port", str(port))
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in out.stderr
+    assert "choose another --http-port" in out.stderr
+    assert not (socket_dir / "e.sock").exists()
 
 
 def test_grpc_and_http_share_one_service(http_server: ServerThread) -> None:
