@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,20 @@ def test_grpc_and_http_share_one_service(http_server: ServerThread) -> None:
     assert http_server.server.http.front.service is http_server.server.service
     with EmbedClient(http_server.target, timeout=60) as grpc_client:
         assert grpc_client.embed(["still fine"]).vectors.shape == (1, 384)
+
+
+def test_responses_do_not_wait_for_delayed_acks(http_server: ServerThread) -> None:
+    """Head and body go out in two writes: without TCP_NODELAY on the connection each
+    keep-alive response would stall about 40 ms on the client's delayed ACK."""
+    assert http_server.server is not None and http_server.server.http is not None
+    connection = HTTPConnection("127.0.0.1", http_server.server.http.port, timeout=30)
+    seconds = []
+    try:
+        for _ in range(31):
+            started = time.perf_counter()
+            connection.request("GET", "/health")
+            assert connection.getresponse().read() == b'{"status":"serving"}'
+            seconds.append(time.perf_counter() - started)
+    finally:
+        connection.close()
+    assert sorted(seconds)[15] < 0.02, f"median {sorted(seconds)[15] * 1000:.1f} ms"
