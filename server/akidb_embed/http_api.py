@@ -364,6 +364,8 @@ async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     """Run `work` while the client is there: if it closes the connection first, cancel the
     work, so its queued texts cost no compute."""
     task = asyncio.ensure_future(work)
+    # Once cancelled, nobody awaits it: take its outcome so none is reported as lost.
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
     watcher = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -383,14 +385,13 @@ def load_api_keys(path: Path) -> tuple[str, ...]:
         mode = path.stat().st_mode
     except (OSError, UnicodeDecodeError) as error:
         raise ApiKeyError(f"cannot read the API key file {path}: {error}") from None
-    keys = tuple(
-        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
-    )
+    lines = (line.strip() for line in text.splitlines())
+    keys = tuple(line for line in lines if line and not line.startswith("#"))
     if not keys:
         raise ApiKeyError(f"the API key file {path} holds no key: write one key a line")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning(
-            "the API key file %s can be read by other users (mode %o): chmod 600 it",
+            "the API key file %s is open to other users (mode %o): chmod 600 it",
             path,
             stat.S_IMODE(mode),
         )

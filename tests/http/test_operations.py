@@ -19,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 
+from akidb_embed.http_api import ApiKeyError, load_api_keys
 from akidb_embed.server import ServerConfig
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
@@ -306,3 +307,17 @@ def test_responses_do_not_wait_for_delayed_acks(http_server: ServerThread) -> No
     finally:
         connection.close()
     assert sorted(seconds)[15] < 0.02, f"median {sorted(seconds)[15] * 1000:.1f} ms"
+
+
+def test_api_key_file_format(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("  # old keys first, then the new one\n\n  sk-old  \nsk-new\n")
+    keys.chmod(0o600)
+    assert load_api_keys(keys) == ("sk-old", "sk-new")
+    assert "open to other users" not in caplog.text
+    keys.chmod(0o644)
+    assert load_api_keys(keys) == ("sk-old", "sk-new")
+    assert "open to other users (mode 644): chmod 600 it" in caplog.text
+    keys.write_text("# none\n")
+    with pytest.raises(ApiKeyError, match="holds no key"):
+        load_api_keys(keys)
