@@ -13,8 +13,16 @@ from tokenizers import Tokenizer
 from akidb_embed.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
-from tests.grpc.test_embed import LONG_TEXT, TEXTS
 from tests.http.conftest import MODEL, http
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "Vector databases index embeddings for similarity search.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "短い日本語の文です。",
+    "🙂 emoji and symbols ∑∫√",
+]
+LONG_TEXT = " ".join(f"word{i}" for i in range(600))
 
 DOCUMENTS = [
     *TEXTS,

@@ -16,8 +16,8 @@ from akidb_embed.errors import ErrorKind
 from akidb_embed.http_api import HTTP_STATUS
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
-from tests.grpc.test_embed import LONG_TEXT
 from tests.http.conftest import API_KEY, MODEL, http, openai_client
+from tests.http.test_embeddings import LONG_TEXT
 
 
 def expect(

@@ -113,6 +113,43 @@ def test_http_traffic_shows_in_the_metrics(
     assert delta("grpc_server_started_total", **embed_rpc) == 0
 
 
+def test_http_and_grpc_requests_share_one_batch(
+    http_server: ServerThread, client: openai.OpenAI
+) -> None:
+    """Queries from both transports wait in the same queue and go out in one batch."""
+    before = scrape(http_server)
+    calls = tokenized_calls(http_server)
+    results: dict[str, np.ndarray] = {}
+
+    def over_http(i: int) -> None:
+        response = client.embeddings.create(input=f"query number {i}", model=MODEL)
+        results[f"http-{i}"] = np.array(response.data[0].embedding, dtype=np.float32)
+
+    def over_grpc(i: int) -> None:
+        with EmbedClient(http_server.target, timeout=60) as grpc_client:
+            results[f"grpc-{i}"] = grpc_client.embed([f"query number {i}"]).vectors[0]
+
+    threads = [
+        threading.Thread(target=fn, args=(i,)) for i in range(4) for fn in (over_http, over_grpc)
+    ]
+    with compute_held(http_server):
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: tokenized_calls(http_server) >= calls + 8, what="8 queued queries")
+    for thread in threads:
+        thread.join(60)
+    after = scrape(http_server)
+    batches = value(after, "akidb_embed_batch_size_count", model=MODEL) - value(
+        before, "akidb_embed_batch_size_count", model=MODEL
+    )
+    rows = value(after, "akidb_embed_batch_size_sum", model=MODEL) - value(
+        before, "akidb_embed_batch_size_sum", model=MODEL
+    )
+    assert (batches, rows) == (1, 8)
+    for i in range(4):
+        np.testing.assert_array_equal(results[f"http-{i}"], results[f"grpc-{i}"])
+
+
 def test_a_client_that_hangs_up_costs_no_more_compute(http_server: ServerThread) -> None:
     assert http_server.server is not None and http_server.server.http is not None
     before = scrape(http_server)
