@@ -141,6 +141,15 @@ def dumps(body: object) -> bytes:
     return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
+def bug_response() -> Response:
+    return error_response(
+        500,
+        f"internal error (request id {REQUEST_ID.get()}); this is a server bug: report it "
+        "with the server's log",
+        ErrorKind.INTERNAL.value,
+    )
+
+
 def domain_error_response(error: EmbedError) -> Response:
     return error_response(HTTP_STATUS[error.kind], error.message, error.kind.value)
 
@@ -439,6 +448,8 @@ class HttpFrontEnd:
                 EmbedError: self._on_domain_error,
                 HttpError: self._on_http_error,
                 HTTPException: self._on_starlette_error,
+                # Starlette answers with this, then re-raises to __call__, which logs it.
+                Exception: self._on_bug,
             },
         )
 
@@ -454,6 +465,26 @@ class HttpFrontEnd:
         request_id = request_id_from(headers)
         REQUEST_ID.set(request_id)
         status = 0
+        finished = False
+
+        def finish() -> None:
+            """Count the request once: before its last bytes leave (a client that has its
+            answer finds it in the metrics), or when it ends without an answer."""
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+            self.metrics.http_in_flight.dec()
+            code = str(status or HTTP_STATUS[ErrorKind.CANCELLED])
+            seconds = time.perf_counter() - started
+            self.metrics.http_requests.labels(scope["method"], route, code).inc()
+            self.metrics.http_seconds.labels(scope["method"], route).observe(seconds)
+            log.debug(
+                "HTTP %s %s %s in %.1f ms", scope["method"], scope["path"], code, seconds * 1000
+            )
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -461,6 +492,8 @@ class HttpFrontEnd:
                 status = message["status"]
                 extra = [(REQUEST_ID_KEY.encode(), request_id.encode())]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                finish()
             await send(message)
 
         self.in_flight += 1
@@ -475,24 +508,9 @@ class HttpFrontEnd:
         except Exception:
             log.exception("%s %s failed", scope["method"], scope["path"])
             if status == 0:
-                await error_response(
-                    500,
-                    f"internal error (request id {request_id}); this is a server bug: report "
-                    "it with the server's log",
-                    ErrorKind.INTERNAL.value,
-                )(scope, receive, sending)
+                await bug_response()(scope, receive, sending)
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
-            self.metrics.http_in_flight.dec()
-            code = str(status or HTTP_STATUS[ErrorKind.CANCELLED])
-            seconds = time.perf_counter() - started
-            self.metrics.http_requests.labels(scope["method"], route, code).inc()
-            self.metrics.http_seconds.labels(scope["method"], route).observe(seconds)
-            log.debug(
-                "HTTP %s %s %s in %.1f ms", scope["method"], scope["path"], code, seconds * 1000
-            )
+            finish()
 
     def route_of(self, scope: Scope) -> str:
         for candidate in self.app.routes:
@@ -546,6 +564,9 @@ class HttpFrontEnd:
     async def _on_http_error(self, request: Request, error: Exception) -> Response:
         assert isinstance(error, HttpError)
         return error_response(error.status, error.message, error.code, error.param, error.headers)
+
+    async def _on_bug(self, request: Request, error: Exception) -> Response:
+        return bug_response()
 
     async def _on_starlette_error(self, request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)

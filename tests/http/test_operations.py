@@ -358,3 +358,21 @@ def test_api_key_file_format(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     keys.write_text("# none\n")
     with pytest.raises(ApiKeyError, match="holds no key"):
         load_api_keys(keys)
+
+
+def test_a_server_bug_is_500_with_the_request_id(
+    http_server: ServerThread, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert http_server.server is not None
+
+    def broken() -> list[object]:
+        raise RuntimeError("a bug in statuses")
+
+    monkeypatch.setattr(http_server.server.service, "statuses", broken)
+    status, headers, body = http(
+        http_server, "GET", "/v1/models", headers={"x-request-id": "bug-report-1"}
+    )
+    assert status == 500 and headers["x-request-id"] == "bug-report-1"
+    assert body["error"]["code"] == "internal" and body["error"]["type"] == "server_error"
+    assert "request id bug-report-1" in body["error"]["message"]
+    wait_for(lambda: "a bug in statuses" in caplog.text, what="the traceback in the log")
