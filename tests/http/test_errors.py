@@ -53,7 +53,7 @@ def expect(
         ({"input": [[101, -1]]}, None, "-1 at position 1"),
         ({"input": [[]]}, None, "token id list 0 is empty"),
         ({"input": [[1]], "prompt": "q: "}, None, "token ids are embedded as they are"),
-        ({"input": ["ok", LONG_TEXT], "truncation": "error"}, None, "text 1 has"),
+        ({"input": ["ok", LONG_TEXT], "truncation": "error"}, None, "accepts at most 256"),
         ({"input": [[101] * 300], "truncation": "error"}, None, "has 300 tokens"),
         ({"input": ["x"] * 1025}, None, "1025 texts in one request; the limit is 1024"),
         ({"input": "x", "model": "broken-truncated"}, None, "broken-truncated"),
