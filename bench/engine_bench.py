@@ -11,6 +11,7 @@ import numpy as np
 
 from akidb_embed.batching import plan_batches
 from akidb_embed.engine import EmbeddingEngine
+from akidb_embed.tokenization import pack
 from akidb_embed.workers import ModelSpec, WorkerPool
 
 
@@ -63,7 +64,8 @@ def run_pool(
         pool.load(spec)
         for _ in range(2):  # the first pass traces each shape's compiled kernels; time the second
             started = time.perf_counter()
-            futures = [(b, pool.submit(spec.name, [ids[i] for i in b])) for b in batches]
+            packed = [(b, pack([ids[i] for i in b])) for b in batches]
+            futures = [(b, pool.submit(spec.name, p.ids, p.lengths)) for b, p in packed]
             for batch, future in futures:
                 out[batch] = future.result()
             seconds = time.perf_counter() - started
@@ -75,3 +77,30 @@ def run_pool(
 
 def model_spec(name: str, directory: Path) -> ModelSpec:
     return ModelSpec(name=name, directory=directory, source=name, revision="bench")
+
+
+@dataclass(frozen=True)
+class QueryLatency:
+    p50_ms: float
+    p99_ms: float
+    count: int
+
+
+def query_latency(engine: EmbeddingEngine, queries: Sequence[str]) -> QueryLatency:
+    """One query at a time through tokenize + forward, in this process (no gRPC)."""
+    from akidb_embed.engine import EmbedOptions
+
+    options = EmbedOptions()
+    engine.forward_packed(*_packed(engine, queries[0], options))
+    times = []
+    for query in queries:
+        started = time.perf_counter()
+        engine.forward_packed(*_packed(engine, query, options))
+        times.append(time.perf_counter() - started)
+    ms = np.array(times) * 1e3
+    return QueryLatency(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(ms))
+
+
+def _packed(engine: EmbeddingEngine, text: str, options: object) -> tuple[np.ndarray, np.ndarray]:
+    tokens = engine.tokenize_batch([text], options)  # type: ignore[arg-type]
+    return tokens.ids, tokens.lengths

@@ -53,13 +53,35 @@ def table(r: dict[str, Any]) -> str:
             f"{ratio:>6s} {cos:>10s} {err:>8s}"
         )
     li, ll = r["latency_idle"], r["latency_under_load"]
+    eq = r.get("engine_query")
+    ce = r.get("ceiling")
+    if ce:
+        lines += [
+            "",
+            f"serving ceiling (1-layer 32-wide model, {ce['items']} short texts), items/s:",
+            "  EmbedStream, coalesced by the client   "
+            f"{ce['stream_coalesced_items_per_second']:9.0f}"
+            f"   (plain grpc.aio answering the same messages: "
+            f"{ce['echo_coalesced_items_per_second']:.0f})",
+            f"  EmbedStream, one item per message      "
+            f"{ce['stream_one_item_per_message_items_per_second']:9.0f}"
+            f"   (plain grpc.aio: {ce['echo_one_item_per_message_items_per_second']:.0f})",
+            f"  Embed, 256 texts per call              {ce['embed_256_items_per_second']:9.0f}",
+        ]
+    if "sidecar_tax" in r:
+        lines.append(
+            "sidecar tax: served stream / engine workers without gRPC = "
+            f"{r['sidecar_tax']['served_stream_vs_engine_workers']:.2f}"
+        )
     fb = r["flop_bound"]
     rss = r["rss"]
     lines += [
         "",
         f"query latency (1 text, Embed): idle p50 {li['p50_ms']:.1f} ms, p99 {li['p99_ms']:.1f} ms;"
         f" during a bulk stream p50 {ll['p50_ms']:.1f} ms, p99 {ll['p99_ms']:.1f} ms "
-        f"(bulk meanwhile {ll['bulk_texts_per_second']:.0f} texts/s)",
+        f"(bulk meanwhile {ll['bulk_texts_per_second']:.0f} texts/s, "
+        f"{ll['bulk_vs_served_stream']:.2f} of the stream alone)"
+        + (f"; engine forward alone p50 {eq['p50_ms']:.1f} ms" if eq else ""),
         f"FLOP bound: {fb['matmul_gflop']:.0f} GFLOP of matmuls / {fb['gemm_gflops']:.0f} GFLOP/s "
         f"fp32 GEMM = {fb['bound_texts_per_second']:.0f} texts/s; reached: "
         + ", ".join(

@@ -29,6 +29,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="best of N for bulk runs")
     parser.add_argument("--workers", type=int, help="server engine workers (default: its own)")
     parser.add_argument("--max-batch-tokens", type=int, help="server batch budget (default: its)")
+    parser.add_argument(
+        "--ceiling-items", type=int, default=20_000, help="short texts for the serving ceiling"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / "latest.json", help="JSON"
@@ -36,6 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.texts, args.rss_texts, args.queries, args.repeats = 48, 300, 10, 1
+        args.ceiling_items = 600
     return args
 
 
@@ -80,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from akidb_embed.registry import bundled_minilm_dir
     from akidb_embed.workers import default_batch_tokens, default_workers
 
-    from . import corpus, engine_bench, flops, reference, report, served, wire
+    from . import ceiling, corpus, echo, engine_bench, flops, reference, report, served, wire
 
     model_dir = bundled_minilm_dir()
     if model_dir is None:
@@ -145,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             best = min(runs, key=lambda r: r.seconds)
             record("engine_workers", best.texts_per_second, best.tokens_per_second, best.embeddings)
             results["engine_workers"]["processes"] = workers
+        queries = [" ".join(p.split()[:12]) for p in passages[: args.queries]]
+        results["engine_query"] = asdict(engine_bench.query_latency(engine, queries))
         del engine
 
         log.step("the server: akidb-embed serve --socket")
@@ -183,7 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = served.concurrent_clients(target, passages, 8, 64)
             record("served_8_clients", run.texts_per_second, run.tokens_per_second, run.embeddings)
 
-            queries = [" ".join(p.split()[:12]) for p in passages[: args.queries]]
             log.step("query latency, idle")
             results["latency_idle"] = asdict(served.query_latency(target, queries))
             log.step("query latency, while a bulk stream runs")
@@ -201,6 +206,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "growth_fraction": after / before - 1,
                 "texts_per_second": rate,
             }
+
+        log.step("serving ceiling: a 1-layer, 32-wide model (compute ~nil), short texts")
+        narrow = ceiling.build_narrow_model(model_dir, workdir / "narrow")
+        short = short_texts(passages, args.ceiling_items)
+        one_per_message = min(len(short), 5000)
+        with served.ServerProcess(
+            workdir / "ceiling.sock", workdir / "ceiling.log", ["--model", str(narrow)], env
+        ) as server:
+            server.wait_serving()
+            results["ceiling"] = asdict(
+                ceiling.measure(str(workdir / "ceiling.sock"), short, one_per_message)
+            )
+        log.step("transport ceiling: plain grpc.aio answering the same messages")
+        results["ceiling"]["echo_one_item_per_message_items_per_second"] = echo.measure(
+            workdir / "echo.sock", short[:one_per_message], 1, env
+        )
+        results["ceiling"]["echo_coalesced_items_per_second"] = echo.measure(
+            workdir / "echo.sock", short, 256, env
+        )
+
+    if "engine_workers" in results:
+        results["sidecar_tax"] = {
+            "served_stream_vs_engine_workers": results["served_stream"]["texts_per_second"]
+            / results["engine_workers"]["texts_per_second"]
+        }
+    load = results["latency_under_load"]
+    load["bulk_vs_served_stream"] = (
+        load["bulk_texts_per_second"] / results["served_stream"]["texts_per_second"]
+    )
 
     log.step("wire: packed bytes vs repeated float")
     results["wire"] = [asdict(wire.measure_wire(d)) for d in (384, 1024)]

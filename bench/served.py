@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from grpc_health.v1 import health_pb2
 
 from akidb_embed_client import EmbedClient
 
@@ -43,7 +42,7 @@ class ServerProcess:
             if self.socket.exists():
                 try:
                     with EmbedClient(str(self.socket), timeout=2) as client:
-                        if client.check() == health_pb2.HealthCheckResponse.SERVING:
+                        if client.check() == "SERVING":
                             return
                 except Exception:
                     pass

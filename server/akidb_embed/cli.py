@@ -4,24 +4,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
+import shlex
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from . import __version__
 from .blas import ensure_fast_blas, mlx_uses_gpu
 from .http_api import ApiKeyError, load_api_keys
 from .logs import configure_logging
 from .model_cache import human_size
+from .pulls import PullLimits
 from .registry import DEFAULT_MODEL
 from .residency import ModelBudget
-from .server import ServerConfig, run_server
+from .server import DEFAULT_BULK_BATCH_MS, DEFAULT_BULK_FILL_MS, ServerConfig, run_server
 from .service import Limits
 from .store_cli import add_pull_parser, add_rm_parser, run_models, run_pull, run_rm
 from .unix_socket import SocketInUse, default_socket_path
-from .workers import default_batch_tokens, default_workers
+from .workers import DEFAULT_MODEL_BYTES, Watchdog, default_batch_tokens, default_workers
+
+if TYPE_CHECKING:
+    from akidb_embed_client import EmbedClientError, Options
+
+    from .server import EmbeddingServer
+
+# Above this many texts `embed` sends them on one EmbedStream instead of one Embed call (the
+# server's default --max-texts-per-request).
+STREAM_ABOVE = Limits.max_texts_per_request
+FORMATS = ("json", "jsonl", "npy")
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -30,17 +48,27 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
         help=f"server's Unix socket (default: {default_socket_path()}, or $AKIDB_EMBED_SOCKET)",
     )
     parser.add_argument("--address", help="server's host:port, instead of a socket")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds to wait for the answer (default 30; no limit for a "
+        f"stream of more than {STREAM_ABOVE} texts)",
+    )
 
 
 def _target(args: argparse.Namespace) -> str:
     return str(args.address or args.socket or default_socket_path())
 
 
+def _timeout(args: argparse.Namespace, default: float | None = 30.0) -> float | None:
+    return float(args.timeout) if args.timeout is not None else default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="akidb-embed", description="AkiDB's embedding sidecar: a gRPC server for MLX models."
     )
+    parser.add_argument("--version", action="version", version=f"akidb-embed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the server")
@@ -61,8 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="pull a known model from the Hub on its first request (default: "
         "FAILED_PRECONDITION with the pull command)",
     )
+    serve.add_argument(
+        "--max-concurrent-pulls",
+        type=int,
+        default=PullLimits.max_concurrent,
+        help="with --allow-downloads: Hub pulls at once; a request needing one more gets "
+        f"RESOURCE_EXHAUSTED (default {PullLimits.max_concurrent})",
+    )
+    serve.add_argument(
+        "--pull-timeout",
+        type=float,
+        default=PullLimits.timeout_s,
+        help="with --allow-downloads: seconds before requests waiting on a pull get "
+        f"UNAVAILABLE (default {PullLimits.timeout_s:g}); `akidb-embed pull` has no limit",
+    )
     serve.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     serve.add_argument("--socket-mode", default="600", help="socket permissions, octal (600)")
+    serve.add_argument(
+        "--trust-socket-parents",
+        action="store_true",
+        help="accept world-writable directories above the socket's own directory (a volume "
+        "that only this user's processes reach, e.g. a Kubernetes emptyDir); refused otherwise",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
         "--log-format",
@@ -104,19 +152,66 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--workers",
         type=int,
-        help="engine worker processes, each with its own copy of the models (default: one per "
-        "core on CPU, 0 on a GPU; 0 runs the models in the server process)",
+        help="engine worker processes, each with its own copy of the models, supervised: a "
+        "dead or hung one is replaced and its batch re-run (default: one per core on CPU, as "
+        "many as --memory-budget-mb allows; 1 on a GPU; 0 runs the models in the server "
+        "process, unsupervised)",
+    )
+    limits.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        help="memory the default --workers count must fit in (default: the container's limit, "
+        "cgroup memory.max, else the machine's RAM); each worker costs ~110 MB plus its "
+        "models' weights",
+    )
+    limits.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=Watchdog.min_seconds,
+        help="seconds a batch may take at least before its worker counts as hung (the limit "
+        "grows with the batch's size: 20x its expected time)",
+    )
+    limits.add_argument(
+        "--bulk-batch-ms",
+        type=float,
+        default=DEFAULT_BULK_BATCH_MS,
+        help="while queries arrive, cut bulk batches to about this much compute, so a query "
+        "waits little (0: never cut)",
+    )
+    limits.add_argument(
+        "--bulk-fill-ms",
+        type=float,
+        default=DEFAULT_BULK_FILL_MS,
+        help="let a small bulk batch wait up to this long for more texts (queries never wait)",
     )
     limits.add_argument("--max-batch-size", type=int, default=64, help="texts per batch")
     limits.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
     limits.add_argument("--max-chars-per-text", type=int, default=Limits.max_chars_per_text)
+    limits.add_argument(
+        "--max-chars-per-request",
+        type=int,
+        default=Limits.max_chars_per_request,
+        help="characters of one Embed request (RESOURCE_EXHAUSTED past it)",
+    )
+    limits.add_argument(
+        "--max-chars-in-flight",
+        type=int,
+        default=Limits.max_chars_in_flight,
+        help="characters of text being worked on at once: past it Embed gets "
+        "RESOURCE_EXHAUSTED and streams wait",
+    )
     limits.add_argument(
         "--max-queued-tokens",
         type=int,
         default=Limits.max_queued_tokens,
         help="past it, Embed calls get RESOURCE_EXHAUSTED (streams wait)",
     )
-    limits.add_argument("--stream-window", type=int, default=256, help="items in flight/stream")
+    limits.add_argument(
+        "--stream-window",
+        type=int,
+        default=ServerConfig.stream_window,
+        help="items of one stream in flight; past it the server stops reading the stream",
+    )
     limits.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
     memory = serve.add_argument_group("models in memory")
     memory.add_argument("--max-loaded-models", type=int, default=0, help="0: no limit")
@@ -129,12 +224,35 @@ def build_parser() -> argparse.ArgumentParser:
         "preloaded models always stay",
     )
 
-    embed = sub.add_parser("embed", help="embed texts with a running server; JSON out")
+    embed = sub.add_parser(
+        "embed",
+        help="embed texts with a running server",
+        description="Embed texts with a running server. Texts come from the arguments, or one "
+        "per line on stdin (a blank line is an error: every line is one text). More than "
+        f"{STREAM_ABOVE} texts go over one EmbedStream call, so any number works.",
+    )
     embed.add_argument("texts", nargs="*", help="texts (default: one per line on stdin)")
     embed.add_argument("--model", default="", help="model name (default: the server's)")
-    embed.add_argument("--dimensions", type=int, default=0)
-    embed.add_argument("--prompt-name", help="a prompt the model ships, e.g. query")
-    embed.add_argument("--no-normalize", action="store_true")
+    embed.add_argument("--dimensions", type=int, default=0, help="Matryoshka size (0: native)")
+    prompt = embed.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-name", help="a prompt the model ships, e.g. query")
+    prompt.add_argument("--prompt", help="a literal prefix put before every text")
+    prompt.add_argument(
+        "--instruction", help="a task, formatted with the model's instruction template"
+    )
+    embed.add_argument(
+        "--truncation",
+        choices=["end", "start", "error"],
+        help="texts over the model's token limit: cut the end (default), the start, or fail",
+    )
+    embed.add_argument("--no-normalize", action="store_true", help="keep the raw vector norm")
+    embed.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="json",
+        help="json: one object with every vector (default); jsonl: one object per text, "
+        "written as they come; npy: a float32 array (binary: redirect it to a file)",
+    )
     _add_target(embed)
 
     models = sub.add_parser(
@@ -146,32 +264,87 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--offline", action="store_true", help="list the registry and cache; ask no server"
     )
-    models.add_argument("--json", action="store_true", help="JSON (with --offline or no server)")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_target(models)
 
     add_pull_parser(sub)
     add_rm_parser(sub)
 
     health = sub.add_parser("health", help="exit 0 only if the server is SERVING (exec probe)")
-    health.add_argument("--service", default="", help="a model name, or '' for the server")
+    health.add_argument(
+        "--service",
+        default="",
+        help="a loaded model's name, akidb.embedding.v1.EmbeddingService, or '' for the whole "
+        "server (default)",
+    )
     _add_target(health)
     return parser
 
 
 def fail(message: str, code: int = 1) -> int:
-    print(f"akidb-embed: {message}", file=sys.stderr)
+    """Every command's errors: `akidb-embed: error: ...` on stderr (as argparse writes)."""
+    print(f"akidb-embed: error: {message}", file=sys.stderr)
     return code
 
 
-def explain(error: Exception, target: str) -> str:
-    from akidb_embed_client import EmbedClientError
-
-    if isinstance(error, EmbedClientError) and error.code == grpc.StatusCode.UNAVAILABLE:
+def explain(error: EmbedClientError, target: str, timeout: float | None = None) -> str:
+    """The client's error, with what to do about it."""
+    if error.code == grpc.StatusCode.UNAVAILABLE:
         return (
-            f"no akidb-embed server answers at {target} ({error.message}); "
-            "start one with `akidb-embed serve`, or pass --socket/--address"
+            f"no akidb-embed server answers at {target} ({error.message}); start one with "
+            "`akidb-embed serve`, or point at it with --socket PATH, --address HOST:PORT or "
+            "$AKIDB_EMBED_SOCKET"
         )
-    return str(error)
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        waited = f" within {timeout:g} s" if timeout else ""
+        return (
+            f"the server at {target} did not answer{waited}; raise --timeout, or check it "
+            "with `akidb-embed health`"
+        )
+    # The server's own messages name the text or option and what to change.
+    return f"{error.code.name}: {error.message}"
+
+
+def self_command() -> str:
+    """How the user can run this program again: `akidb-embed` if that is on PATH."""
+    script = Path(sys.argv[0])
+    if script.name == "akidb-embed":
+        found = shutil.which("akidb-embed")
+        if found and Path(found).resolve() == script.resolve():
+            return "akidb-embed"
+        return shlex.quote(os.path.relpath(script) if not script.is_absolute() else str(script))
+    return f"{shlex.quote(sys.executable)} -m akidb_embed"
+
+
+def try_line(server: EmbeddingServer) -> str:
+    """The command that embeds a first text with this server, printed once it is SERVING."""
+    config = server.config
+    command = self_command() + " embed"
+    if config.socket_path is not None:
+        if config.socket_path != default_socket_path():
+            command += f" --socket {shlex.quote(str(config.socket_path))}"
+    elif server.addresses:
+        command += f" --address {server.addresses[-1]}"
+    return f'try: {command} "hello world"'
+
+
+def model_bytes(names: list[str], local_dirs: list[Path]) -> int:
+    """The weights one engine worker will load (files on disk); a guess when unknown."""
+    from .errors import EmbedError
+    from .registry import Registry
+
+    registry = Registry()
+    total = 0
+    for directory in local_dirs:
+        with contextlib.suppress(EmbedError):  # the server says what is wrong with it
+            registry.add_local(directory)
+    for name in names:
+        try:
+            located = registry.status(registry.resolve(name)).located
+        except EmbedError:
+            located = None
+        total += located.size_bytes if located is not None else DEFAULT_MODEL_BYTES
+    return total
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -205,9 +378,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models=names,
         local_model_dirs=local_dirs,
         socket_mode=int(args.socket_mode, 8),
+        trust_socket_parents=args.trust_socket_parents,
         grace_seconds=args.grace,
         max_batch_tokens=args.max_batch_tokens or default_batch_tokens(on_gpu),
-        workers=args.workers if args.workers is not None else default_workers(on_gpu),
+        workers=args.workers
+        if args.workers is not None
+        else default_workers(
+            on_gpu,
+            memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
+            model_bytes=model_bytes(names, local_dirs),
+        ),
         max_batch_size=args.max_batch_size,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
@@ -216,74 +396,208 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_api_keys=api_keys,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         stream_window=args.stream_window,
+        bulk_batch_seconds=args.bulk_batch_ms / 1000,
+        bulk_fill_seconds=args.bulk_fill_ms / 1000,
+        watchdog=Watchdog(min_seconds=args.batch_timeout),
         limits=Limits(
             max_texts_per_request=args.max_texts_per_request,
             max_chars_per_text=args.max_chars_per_text,
+            max_chars_per_request=args.max_chars_per_request,
+            max_chars_in_flight=args.max_chars_in_flight,
             max_queued_tokens=args.max_queued_tokens,
         ),
         allow_downloads=args.allow_downloads,
+        pulls=PullLimits(max_concurrent=args.max_concurrent_pulls, timeout_s=args.pull_timeout),
         budget=ModelBudget(
             max_models=args.max_loaded_models,
             max_bytes=args.max_loaded_mb * 1024 * 1024,
             keep_alive_seconds=args.keep_alive,
         ),
     )
+
+    def on_serving(server: EmbeddingServer) -> None:
+        if args.log_format == "text":
+            print(try_line(server), file=sys.stderr, flush=True)
+
     try:
-        return asyncio.run(run_server(config))
+        return asyncio.run(run_server(config, on_serving))
     except SocketInUse as error:
         return fail(str(error))
+
+
+def read_texts(args: argparse.Namespace) -> list[str] | str:
+    """The texts to embed, or an error message. Blank stdin lines are refused: dropping
+    them would shift every later vector against its line."""
+    if args.texts:
+        return list(args.texts)
+    if sys.stdin.isatty():
+        return "no texts: pass them as arguments, or one per line on stdin"
+    texts = []
+    for number, line in enumerate(sys.stdin, 1):
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            return (
+                f"stdin line {number} is blank; every line is one text: remove blank lines "
+                "first (e.g. `grep -v '^[[:space:]]*$'`)"
+            )
+        texts.append(text)
+    if not texts:
+        return "no texts: pass them as arguments, or one per line on stdin"
+    return texts
+
+
+def _options(args: argparse.Namespace) -> Options:
+    """The per-request options the flags set (unset flags: the server's defaults)."""
+    options: Options = {"dimensions": args.dimensions}
+    if args.prompt_name is not None:
+        options["prompt_name"] = args.prompt_name
+    if args.prompt is not None:
+        options["prompt"] = args.prompt
+    if args.instruction is not None:
+        options["instruction"] = args.instruction
+    if args.truncation is not None:
+        options["truncation"] = args.truncation
+    if args.no_normalize:
+        options["normalize"] = False
+    return options
+
+
+def _row(index: int, text: str, token_count: int, vector: Any) -> dict[str, Any]:
+    return {"index": index, "text": text, "token_count": token_count, "vector": vector.tolist()}
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from akidb_embed_client import EmbedClient, EmbedClientError
 
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        return fail("no texts: pass them as arguments or one per line on stdin", 2)
+    texts = read_texts(args)
+    if isinstance(texts, str):
+        return fail(texts, 2)
+    if args.format == "npy" and sys.stdout.isatty():
+        return fail("--format npy writes binary: redirect it to a file (> vectors.npy)", 2)
     target = _target(args)
-    with EmbedClient(target, timeout=args.timeout) as client:
+    streamed = len(texts) > STREAM_ABOVE
+    timeout = _timeout(args, None if streamed else 30.0)
+    with EmbedClient(target, timeout=timeout) as client:
         try:
-            result = client.embed(
-                texts,
-                model=args.model,
-                dimensions=args.dimensions,
-                prompt_name=args.prompt_name,
-                normalize=False if args.no_normalize else None,
-            )
+            if not streamed:
+                try:
+                    result = client.embed(texts, model=args.model, **_options(args))
+                except EmbedClientError as error:
+                    # A server started with a lower --max-texts-per-request says to stream.
+                    if error.code != grpc.StatusCode.INVALID_ARGUMENT or (
+                        "EmbedStream" not in error.message
+                    ):
+                        raise
+                    return _embed_streamed(client, texts, args)
+                head = {
+                    "model": result.model,
+                    "fingerprint": result.space.fingerprint,
+                    "dimensions": result.space.dimensions,
+                }
+                rows = zip(texts, result.token_counts, result.vectors, strict=True)
+                return _write(args.format, head, ((t, c, v) for t, c, v in rows), texts)
+            return _embed_streamed(client, texts, args)
         except EmbedClientError as error:
-            return fail(explain(error, target))
-    out = {
-        "model": result.model,
-        "fingerprint": result.space.fingerprint,
-        "dimensions": result.space.dimensions,
-        "embeddings": [
-            {"text": text, "token_count": count, "vector": vector.tolist()}
-            for text, count, vector in zip(texts, result.token_counts, result.vectors, strict=True)
-        ],
-    }
-    json.dump(out, sys.stdout)
-    sys.stdout.write("\n")
+            return fail(explain(error, target, timeout))
+
+
+def _embed_streamed(client: Any, texts: list[str], args: argparse.Namespace) -> int:
+    """More texts than one Embed call takes: one EmbedStream, ids = line indexes."""
+    results = client.embed_stream(
+        ((str(i), text) for i, text in enumerate(texts)), model=args.model, **_options(args)
+    )
+    failed: list[str] = []
+    # The name the server knows the model by (the stream's space carries the source id).
+    name = args.model or next((m.name for m in client.list_models() if m.is_default), "")
+    head: dict[str, Any] = {}
+
+    def items() -> Iterator[tuple[str, int, Any]]:
+        for item in results:
+            index = int(item.id)
+            if item.error is not None:
+                failed.append(
+                    f"text {index + 1} ({texts[index][:40]!r}): "
+                    f"{item.error.code.name}: {item.error.message}"
+                )
+                continue
+            if not head and item.space is not None:
+                head.update(
+                    model=name or item.space.model_id,
+                    fingerprint=item.space.fingerprint,
+                    dimensions=item.space.dimensions,
+                )
+            yield texts[index], item.token_count, item.vector
+
+    code = _write(args.format, head, items(), texts, failed)
+    if failed:
+        for line in failed[:10]:
+            print(f"akidb-embed: error: {line}", file=sys.stderr)
+        more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
+        return fail(f"{len(failed)} of {len(texts)} texts failed{more}; fix them and run again")
+    return code
+
+
+def _write(
+    fmt: str,
+    head: dict[str, Any],
+    rows: Iterator[tuple[str, int, Any]],
+    texts: list[str],
+    failed: list[str] | None = None,
+) -> int:
+    import numpy as np
+
+    out = sys.stdout
+    if fmt == "jsonl":  # as they come: a reader can start at once (`| head`)
+        for index, (text, count, vector) in enumerate(rows):
+            out.write(json.dumps(_row(index, text, count, vector)) + "\n")
+        out.flush()
+        return 0
+    collected = list(rows)
+    if failed:
+        return 0  # the caller reports the failures; no partial output
+    if fmt == "npy":
+        array = np.stack([v for _, _, v in collected]).astype(np.float32, copy=False)
+        np.save(out.buffer, array)
+        out.buffer.flush()
+        return 0
+    embeddings = [_row(i, t, c, v) for i, (t, c, v) in enumerate(collected)]
+    json.dump({**head, "embeddings": embeddings}, out)
+    out.write("\n")
+    out.flush()
     return 0
 
 
+def _model_dict(model: Any) -> dict[str, Any]:
+    data: dict[str, Any] = dataclasses.asdict(model)
+    return data
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    from akidb.embedding.v1 import embedding_service_pb2 as pb
     from akidb_embed_client import EmbedClient, EmbedClientError
 
     if args.offline:
         return run_models(args)
     target = _target(args)
-    with EmbedClient(target, timeout=args.timeout) as client:
+    timeout = _timeout(args)
+    with EmbedClient(target, timeout=timeout) as client:
         try:
             models = client.list_models()
         except EmbedClientError as error:
             if error.code != grpc.StatusCode.UNAVAILABLE:
-                return fail(explain(error, target))
-            print(f"no akidb-embed server answers at {target}; listing the cache", file=sys.stderr)
+                return fail(explain(error, target, timeout))
+            print(
+                f"akidb-embed: no server answers at {target}; listing the registry and the "
+                "cache instead (start one with `akidb-embed serve`)",
+                file=sys.stderr,
+            )
             return run_models(args)
+    if args.json:
+        json.dump([_model_dict(m) for m in models], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
     rows = [("NAME", "STATE", "DIM", "MAX TOKENS", "REVISION", "SIZE", "SOURCE")]
     for m in models:
-        state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+        state = m.state
         name = m.name + (" (default)" if m.is_default else "")
         size = human_size(m.size_on_disk_bytes) if m.size_on_disk_bytes else "-"
         rows.append(
@@ -304,19 +618,34 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from grpc_health.v1 import health_pb2
-
     from akidb_embed_client import EmbedClient, EmbedClientError
 
     target = _target(args)
-    with EmbedClient(target, timeout=args.timeout) as client:
+    timeout = _timeout(args)
+    with EmbedClient(target, timeout=timeout) as client:
         try:
             status = client.check(args.service)
         except EmbedClientError as error:
-            return fail(explain(error, target))
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    print(name)
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                return fail(explain(error, target, timeout))
+            return fail(unknown_service(client, args.service, target))
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def unknown_service(client: Any, service: str, target: str) -> str:
+    from akidb_embed_client import EmbedClientError
+
+    try:
+        loaded = [m.name for m in client.list_models() if m.state == "loaded"]
+    except EmbedClientError:
+        loaded = []
+    models = f" or a loaded model ({', '.join(loaded)})" if loaded else " or a loaded model"
+    return (
+        f"the server at {target} has no health status for {service!r}; ask for '' (the whole "
+        f"server, the default), akidb.embedding.v1.EmbeddingService{models}; "
+        "`akidb-embed models` lists the models"
+    )
 
 
 COMMANDS = {
@@ -331,7 +660,16 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (`akidb-embed embed ... | head -c 100`): stop quietly, and keep
+        # the interpreter's final flush from failing on the closed pipe too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 import mlx.core as mx
 import numpy as np
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ModelLoadError
 from .models.base import EncoderModel, Pooling, pool
-from .tokenization import TextTokenizer, TokenizedText, Truncation
+from .tokenization import TextTokenizer, TokenBatch, TokenizedText, Truncation, pack
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class EmbeddingSpace:
     normalized: bool
     dtype: str
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         key = "|".join(
             [
@@ -119,6 +120,8 @@ class EmbeddingEngine:
         self.heads = list(heads)
         self.pad_id = pad_id
         self.memory_bytes = memory_bytes
+        # Spaces by (dimensions, normalize): built once, not per request.
+        self._spaces: dict[tuple[int, bool], EmbeddingSpace] = {}
 
     def prefix(self, options: EmbedOptions) -> str:
         kind, value = options.prompt_kind, options.prompt_value
@@ -148,27 +151,45 @@ class EmbeddingEngine:
         return template.format(instruction=value)
 
     def tokenize(self, texts: Sequence[str], options: EmbedOptions) -> list[TokenizedText]:
+        """One object per text; raises on a text over the limit under ERROR (tests, tools)."""
         prefix = self.prefix(options)
         return self.tokenizer.encode([prefix + t for t in texts], options.truncation)
 
+    def tokenize_batch(self, texts: Sequence[str], options: EmbedOptions) -> TokenBatch:
+        """A group's ids packed in one array, with one batch call (the serving path)."""
+        prefix = self.prefix(options)
+        prefixed = [prefix + t for t in texts] if prefix else texts
+        return self.tokenizer.encode_batch(prefixed, options.truncation)
+
     def space(self, options: EmbedOptions) -> EmbeddingSpace:
-        return EmbeddingSpace(
-            model_id=self.source,
-            revision=self.revision,
-            dimensions=self.profile.check_dimensions(options.dimensions),
-            pooling=self.profile.pooling,
-            normalized=options.normalize,
-            dtype=self.profile.dtype,
-        )
+        key = (options.dimensions, options.normalize)
+        space = self._spaces.get(key)
+        if space is None:
+            space = EmbeddingSpace(
+                model_id=self.source,
+                revision=self.revision,
+                dimensions=self.profile.check_dimensions(options.dimensions),
+                pooling=self.profile.pooling,
+                normalized=options.normalize,
+                dtype=self.profile.dtype,
+            )
+            self._spaces[key] = space
+        return space
 
     def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """Pooled float32 vectors (B, native dim), before normalisation. Compute thread only."""
-        lengths = [len(ids) for ids in batch]
-        width = max(lengths)
-        padded = np.full((len(batch), width), self.pad_id, dtype=np.int32)
-        for row, ids in enumerate(batch):
-            padded[row, : len(ids)] = ids
-        length_arr = mx.array(lengths, dtype=mx.int32)
+        """Pooled float32 vectors (B, native dim) of id lists (tests, tools)."""
+        packed = pack(batch)
+        return self.forward_packed(packed.ids, packed.lengths)
+
+    def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Pooled float32 vectors (B, native dim), before normalisation, of B texts whose
+        ids lie back to back in `ids`. The thread that owns this engine's MLX work only."""
+        lengths = np.asarray(lengths, dtype=np.int32)
+        width = int(lengths.max())
+        padded = np.full((len(lengths), width), self.pad_id, dtype=np.int32)
+        # Row-major boolean assignment fills each row's first lengths[i] slots in order.
+        padded[np.arange(width)[None, :] < lengths[:, None]] = ids
+        length_arr = mx.array(lengths)
         hidden = self.model.encode(mx.array(padded), length_arr)
         pooled = pool(hidden, length_arr, self.profile.pooling)
         for head in self.heads:
@@ -177,12 +198,28 @@ class EmbeddingEngine:
         mx.eval(pooled)
         return np.array(pooled, copy=False)
 
+    def warm_up(self) -> np.ndarray:
+        """Run one forward (kernels compile, buffers allocate); raise if the weights give
+        non-finite outputs: such a model would answer every request with NaNs."""
+        vectors = self.forward([t.ids for t in self.tokenize(["warm up"], EmbedOptions())])
+        if not np.isfinite(vectors).all():
+            raise ModelLoadError(
+                f"model {self.name!r} gives non-finite outputs (NaN or inf) on a warm-up "
+                "text: its weights are damaged; delete the model and pull it again"
+            )
+        return vectors
+
 
 def finish(vector: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
-    """Matryoshka-truncate, then L2-normalise if asked."""
-    out = vector[:dimensions].astype(np.float32, copy=True)
-    if normalize:
-        norm = float(np.linalg.norm(out))
-        if norm > 0:
-            out /= norm
+    """Matryoshka-truncate, then L2-normalise if asked (one vector)."""
+    return finish_batch(vector[None, :], dimensions, normalize)[0]
+
+
+def finish_batch(vectors: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
+    """Matryoshka-truncate rows (N, native) to (N, dimensions), then L2-normalise each if
+    asked: one new contiguous float32 buffer, the one the response is sent from."""
+    out = np.array(vectors[:, :dimensions], dtype=np.float32, order="C", copy=True)
+    if normalize and len(out):
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
     return out

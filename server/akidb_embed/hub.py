@@ -9,6 +9,7 @@ errors a person can act on. Pickled weights are never fetched.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import json
@@ -53,6 +54,7 @@ from .model_cache import (
     ManifestFile,
     RepoCache,
     cache_dir,
+    content_sha256,
     human_size,
     inspect,
     offline_mode,
@@ -69,6 +71,8 @@ PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Partial downloads older than this belong to a process that died mid-pull.
 STALE_PARTIAL_S = 60.0
 API_TIMEOUT_S = 30.0
+# How long a pull waits for another process pulling the same repository.
+LOCK_TIMEOUT_S = 3600.0
 
 Notify = Callable[[str], None]
 
@@ -182,10 +186,12 @@ def _hub_error(exc: BaseException, ref: HubRef, url: str) -> EmbedError:
     raise exc
 
 
-def list_remote(api: HfApi, ref: HubRef) -> tuple[str, list[RemoteFile]]:
+def list_remote(
+    api: HfApi, ref: HubRef, timeout_s: float = API_TIMEOUT_S
+) -> tuple[str, list[RemoteFile]]:
     """The commit the revision points at now, and the repository's files with sizes."""
     info = api.model_info(
-        ref.repo_id, revision=ref.revision, files_metadata=True, timeout=API_TIMEOUT_S
+        ref.repo_id, revision=ref.revision, files_metadata=True, timeout=timeout_s
     )
     if not info.sha:
         raise HubUnavailable(f"the Hub gave no commit for {ref}; check HF_ENDPOINT")
@@ -255,8 +261,10 @@ def pull(
     progress: bool | None = None,
     notify: Notify | None = None,
     root: Path | None = None,
-    lock_timeout_s: float = 3600.0,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
     max_workers: int = 8,
+    name: str | None = None,
+    api_timeout_s: float = API_TIMEOUT_S,
 ) -> PullResult:
     """Fetch `ref` into the cache (or confirm a verified copy is there) and return it.
 
@@ -264,14 +272,23 @@ def pull(
     None shows huggingface_hub's bars when stderr is a terminal. Raises EmbedError
     subclasses: ModelNotFound, HubAccessDenied, HubUnavailable, UnsupportedModel, DiskFull,
     DamagedModel, ModelNotAvailable (offline and not cached), InvalidArgument.
+    `name`: what the user calls the model, for the commands messages suggest. A cached copy
+    is used without the Hub only after its sha256 checksums match the manifest.
     """
     say = notify or logger.info
     root = (root or cache_dir()).expanduser()
     url = endpoint()
+    command = f"akidb-embed pull {name or ref} --force"
     if offline_mode():
-        check = inspect(ref, root)
+        check = inspect(ref, root, deep=True)
         if check.usable and not force:
             return _cached_result(check)
+        if check.problems and not force:
+            raise DamagedModel(
+                f"the cached copy of {ref} is damaged ({'; '.join(check.problems)}) and "
+                f"HF_HUB_OFFLINE=1 forbids fetching it again: unset HF_HUB_OFFLINE and run "
+                f"`{command}`"
+            )
         raise _hub_error(OfflineModeIsEnabled("offline"), ref, url)
 
     repo = RepoCache(ref.repo_id, root)
@@ -281,7 +298,9 @@ def pull(
     except OSError as exc:
         raise _hub_error(exc, ref, url) from exc
     try:
-        return _pull_locked(ref, repo, url, force, progress, say, max_workers)
+        return _pull_locked(
+            ref, repo, url, force, progress, say, max_workers, command, api_timeout_s
+        )
     finally:
         lock.release()
 
@@ -294,20 +313,28 @@ def _pull_locked(
     progress: bool | None,
     say: Notify,
     max_workers: int,
+    command: str,
+    api_timeout_s: float,
 ) -> PullResult:
     repo.remove_incomplete(older_than_s=STALE_PARTIAL_S)
     api = HfApi(endpoint=url)
     try:
-        commit, remote = list_remote(api, ref)
+        commit, remote = list_remote(api, ref, api_timeout_s)
     except HubUnavailable:
         raise
     except Exception as exc:
         error = _hub_error(exc, ref, url)
         if isinstance(error, HubUnavailable) and not force:
-            check = inspect(ref, repo.root)
+            check = inspect(ref, repo.root, deep=True)
             if check.usable:
                 say(f"{error.message}; using the cached commit {check.commit}")
                 return _cached_result(check)
+            if check.problems:
+                raise DamagedModel(
+                    f"the cached copy of {ref} is damaged ({'; '.join(check.problems)}) and "
+                    f"cannot be fetched again now: {error.message}. Once the Hub answers, "
+                    f"run `{command}`"
+                ) from exc
         raise error from exc
 
     chosen = select_files(f.path for f in remote)
@@ -325,9 +352,10 @@ def _pull_locked(
     existing = repo.read_manifest(commit)
     if force:
         repo.discard(commit, chosen)
-    elif existing is not None and existing.files == manifest.files:
+    elif existing is not None and _same_listing(existing, manifest):
         damaged = repo.damaged_files(existing, deep=True)
         if not damaged and not repo.problems(existing):
+            existing = _with_local_hashes(repo, existing)
             _record(repo, ref, existing)
             size = repo.size_on_disk(commit, list(existing.files))
             return PullResult(ref, commit, repo.snapshot(commit), existing, size, False)
@@ -336,7 +364,9 @@ def _pull_locked(
 
     created_folder = not repo.folder.exists()
     try:
-        return _download(ref, repo, url, commit, manifest, progress, say, max_workers)
+        return _download(
+            ref, repo, url, commit, manifest, progress, say, max_workers, api_timeout_s
+        )
     except BaseException as exc:
         _clean_failed_pull(repo, commit, manifest, exc, created_folder)
         if isinstance(exc, Exception):
@@ -353,6 +383,7 @@ def _download(
     progress: bool | None,
     say: Notify,
     max_workers: int,
+    api_timeout_s: float,
 ) -> PullResult:
     snapshot = repo.snapshot(commit)
     # Files damaged on disk would be kept by huggingface_hub (it trusts existing links).
@@ -367,7 +398,7 @@ def _download(
         revision=commit,
         cache_dir=repo.root,
         endpoint=url,
-        etag_timeout=API_TIMEOUT_S,
+        etag_timeout=api_timeout_s,
         tqdm_class=tqdm_class,
     )
     _check_architecture(ref, Path(config_path))
@@ -390,7 +421,7 @@ def _download(
         cache_dir=repo.root,
         endpoint=url,
         allow_patterns=[glob.escape(p) for p in manifest.files],
-        etag_timeout=API_TIMEOUT_S,
+        etag_timeout=api_timeout_s,
         tqdm_class=tqdm_class,
         max_workers=max_workers,
     )
@@ -400,9 +431,32 @@ def _download(
             f"downloaded files of {ref} failed verification ({'; '.join(problems)}); "
             "the damaged files were removed: pull again"
         )
+    manifest = _with_local_hashes(repo, manifest)
     _record(repo, ref, manifest)
     size = repo.size_on_disk(commit, list(manifest.files))
     return PullResult(ref, commit, snapshot, manifest, size, True)
+
+
+def _same_listing(cached: Manifest, remote: Manifest) -> bool:
+    """The cached manifest describes the files the Hub lists now: same paths and sizes, and
+    the Hub's sha256 where it gives one (the cache adds its own for the other files)."""
+    if cached.files.keys() != remote.files.keys():
+        return False
+    return all(
+        cached.files[p].size == f.size and (f.sha256 is None or cached.files[p].sha256 == f.sha256)
+        for p, f in remote.files.items()
+    )
+
+
+def _with_local_hashes(repo: RepoCache, manifest: Manifest) -> Manifest:
+    """Record a sha256 for each verified file the Hub gave none for (config, tokenizer), so
+    later damage to them is caught as well."""
+    snapshot = repo.snapshot(manifest.commit)
+    files = {
+        p: f if f.sha256 else ManifestFile(f.size, content_sha256(snapshot / p))
+        for p, f in manifest.files.items()
+    }
+    return dataclasses.replace(manifest, files=files)
 
 
 def _record(repo: RepoCache, ref: HubRef, manifest: Manifest) -> None:

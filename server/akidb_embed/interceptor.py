@@ -26,6 +26,10 @@ from .logs import REQUEST_ID
 from .metrics import Metrics, RpcName
 
 log = logging.getLogger(__name__)
+# One line per RPC: method, status, items, tokens, milliseconds (`extra` fields in JSON).
+access_log = logging.getLogger("akidb_embed.access")
+# Probes call these every few seconds: their access lines are DEBUG, not INFO.
+QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 REQUEST_ID_KEY = "x-request-id"
 # What we accept from a client as its request id; anything else gets a fresh one.
 DEADLINE_SLACK_SECONDS = 0.1
@@ -100,6 +104,9 @@ class _Call:
         self.context = context
         self.started = time.perf_counter()
         self.request_id = request_id_from(context.invocation_metadata())
+        # Texts answered (stream items with an error included) and their tokens.
+        self.items = 0
+        self.tokens = 0
 
     async def begin(self) -> None:
         # The handler runs in this task, and the tasks it starts copy this context.
@@ -110,8 +117,12 @@ class _Call:
     def received(self) -> None:
         self.metrics.msg_received.labels(*self.name.labels).inc()
 
-    def sent(self) -> None:
+    def sent(self, response: Any = None) -> None:
         self.metrics.msg_sent.labels(*self.name.labels).inc()
+        if response is not None:
+            items, tokens = tally(response)
+            self.items += items
+            self.tokens += tokens
 
     async def fail(self, error: BaseException) -> None:
         """Turn what escaped the handler into a precise status (raises)."""
@@ -149,12 +160,24 @@ class _Call:
         self.metrics.rpc_handled.labels(*labels, code.name).inc()
         seconds = time.perf_counter() - self.started
         self.metrics.rpc_seconds.labels(*labels).observe(seconds)
-        log.debug(
-            "%s/%s %s in %.1f ms",
-            self.name.grpc_service,
-            self.name.grpc_method,
+        ms = round(seconds * 1000, 1)
+        method = f"{self.name.grpc_service}/{self.name.grpc_method}"
+        access_log.log(
+            logging.DEBUG if self.name.grpc_service in QUIET_SERVICES else logging.INFO,
+            "%s %s items=%d tokens=%d %.1f ms",
+            method,
             code.name,
-            seconds * 1000,
+            self.items,
+            self.tokens,
+            ms,
+            extra={
+                "request_id": self.request_id,
+                "method": method,
+                "status": code.name,
+                "items": self.items,
+                "tokens": self.tokens,
+                "ms": ms,
+            },
         )
 
 
@@ -203,7 +226,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                     raise MalformedMessage(malformed_message(request.reason, name))
                 call.received()
                 response = await behavior(request, context)
-                call.sent()
+                call.sent(response)
                 return response
 
         return handle
@@ -215,7 +238,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(self.metrics, name, context)
             async with call.observed():
                 response = await behavior(_checked(request_iterator, call), context)
-                call.sent()
+                call.sent(response)
                 return response
 
         return handle
@@ -240,7 +263,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 call = _Call(self.metrics, name, context)
                 async with call.observed():
                     async for response in behavior(arguments(request, context, call), context):
-                        call.sent()
+                        call.sent(response)
                         yield response
 
             return generate
@@ -251,6 +274,22 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 await behavior(arguments(request, context, call), context)
 
         return write
+
+
+def tally(response: Any) -> tuple[int, int]:
+    """(texts answered, tokens) in one response message: an EmbedResponse's rows, or one
+    EmbedStreamResponse's items (an item with its own error counts as answered, with no
+    tokens). Other messages count nothing."""
+    embeddings = getattr(response, "embeddings", None)
+    if embeddings is None:
+        return 0, 0
+    ids = getattr(response, "ids", None)
+    counts = getattr(embeddings, "token_counts", None)
+    if ids is not None:  # a stream message: every id is answered, by a row or an error
+        return len(ids), sum(counts or ())
+    if counts is not None:  # a unary EmbedResponse: one row per text
+        return len(counts), int(getattr(response, "total_tokens", 0) or sum(counts))
+    return 0, 0
 
 
 async def _checked(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:

@@ -23,7 +23,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .batching import BatchStats
@@ -43,12 +43,27 @@ class LoadedModel(Protocol):
     memory_bytes: int
 
 
+class PoolView(Protocol):
+    restarts: int
+    reruns: int
+    failed_batches: int
+
+    @property
+    def processes(self) -> int: ...
+
+    @property
+    def ready_count(self) -> int: ...
+
+
 class QueueView(Protocol):
     @property
     def queued_items(self) -> int: ...
 
     @property
     def queued_tokens(self) -> int: ...
+
+    @property
+    def pool(self) -> PoolView | None: ...
 
 
 class ServiceView(Protocol):
@@ -60,6 +75,8 @@ class ServiceView(Protocol):
     @property
     def worker(self) -> QueueView: ...
 
+    def can_serve(self) -> bool: ...
+
     def loaded(self) -> Sequence[LoadedModel]: ...
 
 
@@ -69,7 +86,7 @@ class ServiceCollector(Collector):
     def __init__(self, service: ServiceView) -> None:
         self.service = service
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         worker = self.service.worker
         yield GaugeMetricFamily(
             "akidb_embed_queue_items", "Texts waiting for the compute thread.", worker.queued_items
@@ -87,10 +104,29 @@ class ServiceCollector(Collector):
         for engine in loaded:
             memory.add_metric([engine.name], engine.memory_bytes)
         yield memory
-        serving = self.service.ready and self.service.accepting
+        serving = self.service.can_serve() and self.service.accepting
         yield GaugeMetricFamily(
             "akidb_embed_serving", "1 while the server is SERVING, else 0.", int(serving)
         )
+        pool = worker.pool
+        if pool is not None:
+            yield GaugeMetricFamily(
+                "akidb_embed_workers_ready",
+                "Engine worker processes that can compute now.",
+                pool.ready_count,
+            )
+            yield GaugeMetricFamily(
+                "akidb_embed_workers_configured", "Engine worker processes wanted.", pool.processes
+            )
+            for name, help_text, number in (
+                ("akidb_embed_worker_restarts", "Engine workers replaced after dying or hanging.",
+                 pool.restarts),
+                ("akidb_embed_batch_reruns", "Batches run again after their worker died.",
+                 pool.reruns),
+                ("akidb_embed_failed_batches", "Batches that killed a worker twice and failed.",
+                 pool.failed_batches),
+            ):  # fmt: skip
+                yield CounterMetricFamily(name, help_text, value=number)
 
 
 @dataclass(frozen=True)
@@ -267,8 +303,8 @@ class Metrics:
         self.model_loads.labels(model, "ok").inc()
         self.model_load_seconds.labels(model).observe(time.perf_counter() - started)
 
-    def stream_item(self, code: str) -> None:
-        self.stream_items.labels(code).inc()
+    def stream_items_answered(self, code: str, count: int) -> None:
+        self.stream_items.labels(code).inc(count)
 
 
 class MetricsEndpoint:

@@ -5,8 +5,10 @@ huggingface_hub lays a repository out as `<cache>/models--org--name/` with `blob
 `akidb/<commit>.json`, a manifest of the files it pulled with the sizes (and sha256 of LFS
 files) the Hub listed, written only after those files passed verification, and
 `akidb/current`, the commit pulled last. A snapshot counts as cached only with a manifest and
-files that still pass the cheap checks (present, sizes, safetensors headers). Nothing here
-touches the network.
+files that still pass the cheap checks (present, sizes, safetensors headers); before a model
+is loaded, and in `akidb-embed models` / `pull`, the deep check also compares every file's
+sha256 with the manifest's (the Hub's for LFS files, the one computed at pull time for the
+small files the Hub lists no sha256 for). Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -183,8 +186,35 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# File identity -> its sha256, for this process. A file rewritten in place gets a new mtime
+# and ctime (and a replaced one a new inode), so it is hashed again; one left alone is hashed
+# once per process: at its first verification after start.
+_HASHED: dict[tuple[str, int, int, int, int, int], str] = {}
+_HASHED_LOCK = threading.Lock()
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of the file's bytes, remembered while the file's identity is unchanged."""
+    target = path.resolve()
+    info = target.stat()
+    key = (str(target), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    with _HASHED_LOCK:
+        known = _HASHED.get(key)
+    if known is not None:
+        return known
+    digest = sha256_file(target)
+    with _HASHED_LOCK:
+        _HASHED[key] = digest
+    return digest
+
+
+def checksum_problem(name: str) -> str:
+    return f"{name}: its sha256 checksum does not match the one recorded when it was pulled"
+
+
 def file_problem(path: Path, expected: ManifestFile, *, deep: bool = False) -> str | None:
-    """Why a cached file is unusable, or None."""
+    """Why a cached file is unusable, or None. `deep` also compares the content's sha256 with
+    the recorded one (files with none recorded: the cheap checks only)."""
     if not path.is_file():
         return f"{path.name} is missing"
     size = path.stat().st_size
@@ -195,8 +225,8 @@ def file_problem(path: Path, expected: ManifestFile, *, deep: bool = False) -> s
             check_file(path)
         except (SafetensorsError, OSError) as exc:
             return str(exc)
-    if deep and expected.sha256 and sha256_file(path) != expected.sha256:
-        return f"{path.name} does not match the Hub's sha256 (garbled)"
+    if deep and expected.sha256 and content_sha256(path) != expected.sha256:
+        return checksum_problem(path.name)
     return None
 
 
@@ -347,7 +377,8 @@ class CacheCheck:
 
 
 def inspect(ref: HubRef, root: Path | None = None, *, deep: bool = False) -> CacheCheck:
-    """Offline: is `ref` cached and verified? `deep` also re-hashes LFS files (slow)."""
+    """Offline: is `ref` cached and verified? `deep` also compares sha256 checksums (it reads
+    every file once per process; see content_sha256)."""
     repo = RepoCache(ref.repo_id, root)
     commit = repo.commit_for(ref.revision)
     if commit is None:

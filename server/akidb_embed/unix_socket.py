@@ -6,20 +6,16 @@ import errno
 import os
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
+
+from akidb_embed_client.paths import default_socket_path
+
+__all__ = ["SocketInUse", "default_socket_path", "prepare_socket_path"]
 
 
 class SocketInUse(Exception):
     """A live server already listens on the path, or the path is not ours to replace."""
-
-
-def default_socket_path() -> Path:
-    """$AKIDB_EMBED_SOCKET, else a per-user runtime directory that only the user can write."""
-    if env := os.environ.get("AKIDB_EMBED_SOCKET"):
-        return Path(env)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "akidb-embed" if runtime else Path(f"/tmp/akidb-embed-{os.getuid()}")
-    return base / "embed.sock"
 
 
 def _is_live(path: Path) -> bool:
@@ -36,10 +32,34 @@ def _is_live(path: Path) -> bool:
         probe.close()
 
 
-def prepare_socket_path(path: Path, socket_mode: int = 0o600) -> None:
+def _unsafe_ancestor(directory: Path) -> Path | None:
+    """The first directory on the way to `directory` (itself included) that anyone may write
+    without the sticky bit: there another user could rename what lies below and put their
+    own directory, and socket, in its place. Both the path as written and the one its
+    symbolic links lead to are checked."""
+    written = Path(os.path.abspath(directory))
+    seen: set[Path] = set()
+    for chain in (written, written.resolve()):
+        for folder in [chain, *chain.parents]:
+            if folder in seen:
+                continue
+            seen.add(folder)
+            mode = folder.stat().st_mode
+            if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+                return folder
+    return None
+
+
+def prepare_socket_path(
+    path: Path, socket_mode: int = 0o600, *, trust_parents: bool = False
+) -> None:
     """Make the parent directory if missing (0700, or 0750 when the socket is shared with a
     group), refuse an unsafe one, and remove a stale socket. Never deletes anything that is
-    not a socket, nor a live server's socket."""
+    not a socket, nor a live server's socket.
+
+    Unsafe: the socket's directory, or any directory above it, is world-writable without the
+    sticky bit (/tmp, sticky, is fine). `trust_parents` accepts such directories above the
+    socket's own (a volume only this user's containers share); never the directory itself."""
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o750 if socket_mode & 0o070 else 0o700, parents=True)
@@ -48,6 +68,15 @@ def prepare_socket_path(path: Path, socket_mode: int = 0o600) -> None:
         raise SocketInUse(
             f"{parent} is world-writable: anyone could replace the socket; "
             "choose a directory only this user (or group) can write"
+        )
+    unsafe = None if trust_parents else _unsafe_ancestor(parent)
+    if unsafe is not None:
+        raise SocketInUse(
+            f"{unsafe}, above the socket directory {parent}, is world-writable without the "
+            f"sticky bit: another user could move {parent} aside and put their own socket in "
+            "its place; choose a socket path whose parent directories only their owners can "
+            "write (e.g. $XDG_RUNTIME_DIR/akidb-embed/embed.sock), or pass "
+            "--trust-socket-parents if nobody else can reach that directory"
         )
     if not path.exists() and not path.is_symlink():
         return
@@ -63,3 +92,29 @@ def prepare_socket_path(path: Path, socket_mode: int = 0o600) -> None:
             "or start this one with another --socket path"
         )
     path.unlink()
+
+
+@dataclass(frozen=True)
+class BoundSocket:
+    """The socket file a server created: who it is, to remove it only while it is still ours."""
+
+    path: Path
+    device: int
+    inode: int
+
+    @classmethod
+    def of(cls, path: Path) -> BoundSocket:
+        info = path.lstat()
+        return cls(path, info.st_dev, info.st_ino)
+
+    def remove(self) -> bool:
+        """Unlink the path if it is still this socket. A server started on the same path while
+        this one drained owns the path now: leave its socket alone. Returns whether removed."""
+        try:
+            info = self.path.lstat()
+        except FileNotFoundError:
+            return False
+        if (info.st_dev, info.st_ino) != (self.device, self.inode):
+            return False
+        self.path.unlink(missing_ok=True)
+        return True

@@ -49,3 +49,14 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
     assert results["flop_bound"]["gemm_gflops"] > 0
     assert {w["dimensions"] for w in results["wire"]} == {384, 1024}
     assert results["backend"].startswith(("cpu", "gpu"))
+    ceiling = results["ceiling"]
+    for key in (
+        "stream_coalesced_items_per_second",
+        "stream_one_item_per_message_items_per_second",
+        "embed_256_items_per_second",
+        "echo_one_item_per_message_items_per_second",
+    ):
+        assert ceiling[key] > 0, key
+    assert "serving ceiling" in done.stdout
+    assert 0 < results["engine_query"]["p50_ms"] <= results["engine_query"]["p99_ms"]
+    assert results["latency_under_load"]["bulk_vs_served_stream"] > 0

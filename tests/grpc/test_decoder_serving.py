@@ -8,7 +8,6 @@ import grpc
 import numpy as np
 import pytest
 
-from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb_embed.server import ServerConfig
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
@@ -54,8 +53,8 @@ def test_qwen3_instruction_matryoshka_and_listing(decoder_server: ServerThread) 
         assert float(by_instruction[0] @ full.vectors[0]) < 0.9999
         info_by_name = {m.name: m for m in client.list_models()}
         qwen = info_by_name["tiny-qwen3"]
-        assert qwen.state == pb.MODEL_STATE_LOADED and qwen.architecture == "qwen3"
-        assert "query" in qwen.prompts and qwen.pooling == pb.POOLING_LAST_TOKEN
+        assert qwen.state == "loaded" and qwen.architecture == "qwen3"
+        assert "query" in qwen.prompts and qwen.pooling == "last_token"
 
 
 def test_gemma_prompts_and_fixed_matryoshka_sizes(decoder_server: ServerThread) -> None:

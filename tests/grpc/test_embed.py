@@ -35,6 +35,14 @@ def expect_error(code: grpc.StatusCode, fn: object, *args: object, **kwargs: obj
     return info.value.message
 
 
+def test_client_refuses_a_bare_string_and_unknown_options(client: EmbedClient) -> None:
+    with pytest.raises(TypeError, match=r"embed\(\[text\]\)"):
+        client.embed("hello")
+    with pytest.raises(TypeError, match="dimension"):
+        client.embed(["hello"], dimension=32)  # type: ignore[call-arg]
+    assert client.timeout == 60
+
+
 def test_embed_returns_one_unit_vector_per_text_in_order(client: EmbedClient) -> None:
     result = client.embed(TEXTS)
     assert result.vectors.shape == (len(TEXTS), 384)
@@ -71,10 +79,14 @@ def test_raw_request_total_tokens_and_wire_format(server: ServerThread) -> None:
     with grpc.insecure_channel(f"unix:{server.target}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         response = stub.Embed(pb.EmbedRequest(texts=["hello", "hello world"]), timeout=30)
-    assert [e.dimensions for e in response.embeddings] == [384, 384]
-    assert all(len(e.vector) == 384 * 4 for e in response.embeddings)
-    assert response.total_tokens == sum(e.token_count for e in response.embeddings)
-    assert [e.token_count for e in response.embeddings] == [3, 4]  # [CLS] ... [SEP]
+    batch = response.embeddings
+    assert batch.dimensions == 384
+    assert len(batch.vectors) == 2 * 384 * 4  # both rows in one little-endian float32 buffer
+    rows = np.frombuffer(batch.vectors, "<f4").reshape(2, 384)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    assert response.total_tokens == sum(batch.token_counts)
+    assert list(batch.token_counts) == [3, 4]  # [CLS] ... [SEP]
+    assert list(batch.truncated) == [False, False]
 
 
 def test_truncation_policies(client: EmbedClient) -> None:
@@ -89,7 +101,7 @@ def test_truncation_policies(client: EmbedClient) -> None:
     message = expect_error(
         grpc.StatusCode.INVALID_ARGUMENT, client.embed, ["ok", LONG_TEXT], truncation="error"
     )
-    assert "text 1" in message and "256" in message
+    assert "texts[1]" in message and "256" in message
 
 
 def test_dimensions(client: EmbedClient) -> None:
@@ -134,11 +146,11 @@ def test_bad_requests_get_precise_statuses(client: EmbedClient) -> None:
 def test_list_models(client: EmbedClient) -> None:
     models = {m.name: m for m in client.list_models()}
     minilm = models["all-minilm-l6-v2"]
-    assert minilm.state == pb.MODEL_STATE_LOADED
+    assert minilm.state == "loaded"
     assert minilm.is_default
     assert minilm.dimensions == 384
     assert minilm.max_tokens == 256
-    assert minilm.pooling == pb.POOLING_MEAN
+    assert minilm.pooling == "mean"
     assert minilm.architecture == "bert"
     assert minilm.dtype == "float32"
     assert minilm.memory_bytes > 80_000_000
@@ -148,13 +160,14 @@ def test_list_models(client: EmbedClient) -> None:
 
 def test_health_rpcs(server: ServerThread, client: EmbedClient) -> None:
     health = client.health()
-    assert health.status == pb.SERVING_STATUS_SERVING
+    assert health.status == "SERVING" and health.serving
+    assert health.limits.max_texts_per_request == 1024
+    assert health.limits.stream_window == 4096
+    assert health.limits.max_message_bytes == 64 * 1024 * 1024
     assert health.version
     assert health.uptime_seconds > 0
     assert health.backend.startswith(("cpu", "gpu"))
-    assert [(m.name, m.status) for m in health.models] == [
-        ("all-minilm-l6-v2", pb.SERVING_STATUS_SERVING)
-    ]
+    assert [(m.name, m.status) for m in health.models] == [("all-minilm-l6-v2", "SERVING")]
     with grpc.insecure_channel(f"unix:{server.target}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "akidb.embedding.v1.EmbeddingService", "all-minilm-l6-v2"):
@@ -183,24 +196,61 @@ def test_stream_echoes_ids_in_order_with_per_item_errors(client: EmbedClient) ->
     assert results[0].space is not None and results[0].space.dimensions == 384
 
 
+def item(item_id: str, text: str, **fields: object) -> pb.EmbedStreamRequest:
+    return pb.EmbedStreamRequest(ids=[item_id], texts=[text], **fields)  # type: ignore[arg-type]
+
+
 def test_stream_unknown_model_and_sticky_options(server: ServerThread) -> None:
     requests = [
-        pb.EmbedStreamRequest(id="a", text="hello", model="nope"),
-        pb.EmbedStreamRequest(id="b", text="hello"),  # still "nope": model is sticky
-        pb.EmbedStreamRequest(
-            id="c", text="hello", model="all-minilm-l6-v2", options=pb.EmbedOptions(dimensions=7)
-        ),
-        pb.EmbedStreamRequest(id="d", text="hello", options=pb.EmbedOptions(normalize=False)),
+        item("a", "hello", model="nope"),
+        item("b", "hello"),  # still "nope": model is sticky
+        item("c", "hello", model="all-minilm-l6-v2", options=pb.EmbedOptions(dimensions=7)),
+        item("d", "hello", options=pb.EmbedOptions(normalize=False)),
+        item("e", "hello again"),  # same space as d: not sent again
+        item("f", "hello", options=pb.EmbedOptions()),  # back to normalised: a new space
     ]
     with grpc.insecure_channel(f"unix:{server.target}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         responses = list(stub.EmbedStream(iter(requests), timeout=30))
-    assert [r.id for r in responses] == ["a", "b", "c", "d"]
-    assert [r.error.code for r in responses[:3]] == [grpc.StatusCode.NOT_FOUND.value[0]] * 2 + [
-        grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [list(r.ids) for r in responses] == [[x] for x in "abcdef"]
+    codes = [[e.code for e in r.errors] for r in responses[:3]]
+    assert codes == [[grpc.StatusCode.NOT_FOUND.value[0]]] * 2 + [
+        [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
     ]
-    assert responses[3].WhichOneof("result") == "embedding"
+    assert not any(r.HasField("space") for r in responses[:3])  # no vectors, no space
+    assert responses[3].embeddings.dimensions == 384 and not responses[3].errors
     assert not responses[3].space.normalized
+    assert not responses[4].HasField("space")
+    assert responses[5].space.normalized
+    assert responses[5].space.fingerprint != responses[3].space.fingerprint
+
+
+def test_stream_message_with_many_items_gets_one_response(server: ServerThread) -> None:
+    texts = [f"grouped text {i}" for i in range(40)]
+    texts[7] = ""
+    request = pb.EmbedStreamRequest(ids=[f"g{i}" for i in range(40)], texts=texts)
+    with grpc.insecure_channel(f"unix:{server.target}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        [response] = list(stub.EmbedStream(iter([request]), timeout=30))
+        unary = stub.Embed(pb.EmbedRequest(texts=texts[:7] + texts[8:]), timeout=30)
+    assert list(response.ids) == [f"g{i}" for i in range(40)]
+    assert [(e.index, e.code) for e in response.errors] == [
+        (7, grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    ]
+    rows = np.frombuffer(response.embeddings.vectors, "<f4").reshape(39, 384)
+    expected = np.frombuffer(unary.embeddings.vectors, "<f4").reshape(39, 384)
+    np.testing.assert_allclose(rows, expected, atol=1e-5)
+    assert list(response.embeddings.token_counts) == list(unary.embeddings.token_counts)
+
+
+def test_stream_message_with_mismatched_ids_fails_the_stream(server: ServerThread) -> None:
+    request = pb.EmbedStreamRequest(ids=["a", "b"], texts=["only one"])
+    with grpc.insecure_channel(f"unix:{server.target}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.EmbedStream(iter([request]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2 ids and 1 texts" in (info.value.details() or "")
 
 
 def test_client_cancelling_a_stream_leaves_the_server_healthy(
@@ -209,7 +259,7 @@ def test_client_cancelling_a_stream_leaves_the_server_healthy(
     def endless() -> object:
         i = 0
         while True:
-            yield pb.EmbedStreamRequest(id=str(i), text=f"text {i} " * 20)
+            yield item(str(i), f"text {i} " * 20)
             i += 1
 
     with grpc.insecure_channel(f"unix:{server.target}") as channel:
@@ -217,8 +267,8 @@ def test_client_cancelling_a_stream_leaves_the_server_healthy(
         call = stub.EmbedStream(endless(), timeout=60)
         received = [next(call) for _ in range(5)]
         call.cancel()
-    assert [r.id for r in received] == ["0", "1", "2", "3", "4"]
-    assert client.health().status == pb.SERVING_STATUS_SERVING
+    assert [list(r.ids) for r in received] == [["0"], ["1"], ["2"], ["3"], ["4"]]
+    assert client.health().serving
     assert client.embed(["after cancel"]).vectors.shape == (1, 384)
 
 
@@ -243,7 +293,8 @@ async def test_async_client(server: ServerThread) -> None:
 
         got = [r async for r in client.embed_stream(items())]  # type: ignore[arg-type]
         assert [r.id for r in got] == [f"x{i}" for i in range(20)]
-        assert (await client.health()).status == pb.SERVING_STATUS_SERVING
+        assert (await client.health()).status == "SERVING"
+        assert await client.check() == "SERVING"
         assert any(m.name == "all-minilm-l6-v2" for m in await client.list_models())
 
 

@@ -8,9 +8,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb_embed.registry import bundled_minilm_dir
 from akidb_embed.residency import ModelBudget
 from akidb_embed.server import ServerConfig
@@ -34,14 +32,13 @@ def model_copy(root: Path, name: str, break_weights: bool = False) -> Path:
     return target
 
 
-def states(client: EmbedClient) -> dict[str, int]:
+def states(client: EmbedClient) -> dict[str, str]:
     return {m.name: m.state for m in client.list_models()}
 
 
-def health_of(target: str, service: str) -> int:
-    with grpc.insecure_channel(f"unix:{target}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+def health_of(target: str, service: str) -> str:
+    with EmbedClient(target, timeout=10) as client:
+        return client.check(service)
 
 
 @pytest.fixture()
@@ -61,27 +58,27 @@ def lifecycle_server(tmp_path: Path, socket_dir: Path) -> ServerThread:
 def test_on_demand_load_budget_keep_alive_and_health(lifecycle_server: ServerThread) -> None:
     target = lifecycle_server.target
     with EmbedClient(target, timeout=60) as client:
-        assert states(client)["second"] == pb.MODEL_STATE_ON_DISK
+        assert states(client)["second"] == "on_disk"
         default = client.embed(["same weights"]).vectors
         # A request for a model on disk loads it; same weights, same vector, own space.
         second = client.embed(["same weights"], model="second")
         np.testing.assert_allclose(second.vectors, default, atol=1e-6)
-        assert states(client)["second"] == pb.MODEL_STATE_LOADED
-        assert health_of(target, "second") == health_pb2.HealthCheckResponse.SERVING
+        assert states(client)["second"] == "loaded"
+        assert health_of(target, "second") == "SERVING"
         # Budget of 2: loading "third" unloads the least recently used idle one ("second");
         # the preloaded default is pinned.
         client.embed(["x"], model="third")
         current = states(client)
-        assert current["third"] == pb.MODEL_STATE_LOADED
-        assert current["second"] == pb.MODEL_STATE_ON_DISK
-        assert current["all-minilm-l6-v2"] == pb.MODEL_STATE_LOADED
-        assert health_of(target, "second") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert current["third"] == "loaded"
+        assert current["second"] == "on_disk"
+        assert current["all-minilm-l6-v2"] == "loaded"
+        assert health_of(target, "second") == "NOT_SERVING"
         # Keep-alive: idle for > 1 s, "third" is unloaded; the default stays.
         deadline = time.monotonic() + 10
-        while states(client)["third"] == pb.MODEL_STATE_LOADED and time.monotonic() < deadline:
+        while states(client)["third"] == "loaded" and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert states(client)["third"] == pb.MODEL_STATE_ON_DISK
-        assert states(client)["all-minilm-l6-v2"] == pb.MODEL_STATE_LOADED
+        assert states(client)["third"] == "on_disk"
+        assert states(client)["all-minilm-l6-v2"] == "loaded"
 
 
 def test_corrupted_model_fails_clearly_and_the_server_stays_up(
@@ -93,6 +90,6 @@ def test_corrupted_model_fails_clearly_and_the_server_stays_up(
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "damaged" in info.value.message and "pull it again" in info.value.message
         broken = next(m for m in client.list_models() if m.name == "broken")
-        assert broken.state == pb.MODEL_STATE_FAILED and "damaged" in broken.state_reason
-        assert client.health().status == pb.SERVING_STATUS_SERVING
+        assert broken.state == "failed" and "damaged" in broken.state_reason
+        assert client.health().serving
         assert client.embed(["still serving"]).vectors.shape == (1, 384)

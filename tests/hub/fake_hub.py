@@ -11,7 +11,8 @@ come from `GET {cdn}/cdn/{repo}/{commit}/{path}`.
 Errors carry X-Error-Code as the Hub does (RepoNotFound, RevisionNotFound, EntryNotFound,
 GatedRepo), which huggingface_hub turns into its typed errors.
 Knobs: `drop_once[path] = n` closes the connection after n body bytes (once);
-`fail[path] = status` answers that status for the file until cleared; `delay_s` slows bodies.
+`fail[path] = status` answers that status for the file until cleared; `delay_s` slows bodies;
+`hang = True` accepts connections and never answers (until cleared or stopped).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class FakeHub:
         self.drop_once: dict[str, int] = {}
         self.fail: dict[str, int] = {}
         self.delay_s = 0.0
+        self.hang = False
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
         self.url = ""
@@ -94,6 +97,7 @@ class FakeHub:
 
     def start(self) -> str:
         hub = self
+        self._stopping.clear()
 
         class Handler(_Handler):
             fake = hub
@@ -106,6 +110,7 @@ class FakeHub:
         return self.url
 
     def stop(self) -> None:
+        self._stopping.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -168,6 +173,10 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in raw]
         with self.fake._lock:
             self.fake.log.append((self.command, split.path, self.headers.get("Range")))
+        while self.fake.hang and not self.fake._stopping.wait(0.05):
+            pass
+        if self.fake._stopping.is_set():
+            return
         if len(parts) >= 3 and parts[0] == "api" and parts[1] == "models":
             repo_id = "/".join(parts[2:4])
             rest = parts[4:]

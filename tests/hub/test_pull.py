@@ -199,7 +199,11 @@ def test_damaged_weights_are_detected_and_repaired_by_pull(hub_env: HubEnv, dama
     if damage == "garble-data":
         assert status.state is CacheState.CACHED  # the cheap check cannot see it
         problems = inspect(REF, deep=True).problems
-        assert problems == ("model.safetensors does not match the Hub's sha256 (garbled)",)
+        assert problems == (
+            "model.safetensors: its sha256 checksum does not match the one recorded when it "
+            "was pulled",
+        )
+        assert registry.status(entry, deep=True).state is CacheState.DAMAGED
     else:
         assert status.state is CacheState.DAMAGED
         assert registry.locate(entry) is None

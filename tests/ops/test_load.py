@@ -76,11 +76,13 @@ async def unary(stub: pb_grpc.EmbeddingServiceStub, rng: random.Random, ref: np.
     if bad is not None:
         tally.unexpected.append(f"{name}: an empty text was accepted")
         return
-    if len(response.embeddings) != len(texts):
-        tally.unexpected.append(f"{name}: {len(response.embeddings)} vectors for {len(texts)}")
+    rows = len(response.embeddings.vectors) // (4 * 384)
+    if rows != len(texts) or len(response.embeddings.token_counts) != len(texts):
+        tally.unexpected.append(f"{name}: {rows} vectors for {len(texts)}")
         return
-    for index, embedding in zip(indices, response.embeddings, strict=True):
-        check_vector(embedding.vector, index, ref, tally, name)
+    for row, index in enumerate(indices):
+        check_vector(response.embeddings.vectors[row * 1536 : (row + 1) * 1536], index, ref,
+                     tally, name)  # fmt: skip
     tally.unary_texts += len(texts)
 
 
@@ -92,25 +94,36 @@ async def stream(stub: pb_grpc.EmbeddingServiceStub, rng: random.Random, ref: np
         items.append((f"{name}-{j}", index, "" if rng.random() < 0.05 else POOL[index]))
 
     async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
-        for item_id, _, text in items:
-            yield pb.EmbedStreamRequest(id=item_id, text=text)
+        # Messages of 1 to 4 items: grouped and single items mix in one stream.
+        start = 0
+        while start < len(items):
+            group = items[start : start + rng.randint(1, 4)]
+            start += len(group)
+            yield pb.EmbedStreamRequest(
+                ids=[i for i, _, _ in group], texts=[t for _, _, t in group]
+            )
 
     tally.streams += 1
     tally.stream_items += len(items)
     answered = 0
     try:
         async for response in stub.EmbedStream(requests(), timeout=120):
-            item_id, index, text = items[answered]
-            answered += 1
-            if response.id != item_id:
-                tally.unexpected.append(f"{name}: got {response.id} where {item_id} was due")
-            elif response.WhichOneof("result") == "embedding":
-                check_vector(response.embedding.vector, index, ref, tally, item_id)
-                tally.stream_ok += 1
-            elif not text and response.error.code == INVALID.value[0]:
-                tally.stream_invalid += 1
-            else:
-                tally.unexpected.append(f"{item_id}: item error {response.error}")
+            failed = {e.index: e for e in response.errors}
+            row = 0
+            for position, got_id in enumerate(response.ids):
+                item_id, index, text = items[answered]
+                answered += 1
+                if got_id != item_id:
+                    tally.unexpected.append(f"{name}: got {got_id} where {item_id} was due")
+                elif position not in failed:
+                    raw = response.embeddings.vectors[row * 1536 : (row + 1) * 1536]
+                    row += 1
+                    check_vector(raw, index, ref, tally, item_id)
+                    tally.stream_ok += 1
+                elif not text and failed[position].code == INVALID.value[0]:
+                    tally.stream_invalid += 1
+                else:
+                    tally.unexpected.append(f"{item_id}: item error {failed[position]}")
     except grpc.aio.AioRpcError as error:
         tally.unexpected.append(f"{name}: stream ended {error.code()} {error.details()}")
     if answered != len(items):

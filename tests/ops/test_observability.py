@@ -51,8 +51,9 @@ def test_metrics_count_calls_by_code_texts_and_tokens(
         assert info.value.code() == code
     with pytest.raises(grpc.RpcError):
         channel.unary_unary("/akidb.embedding.v1.EmbeddingService/Embed")(b"\xff\xff", timeout=60)
-    items = [
-        pb.EmbedStreamRequest(id=i, text=t) for i, t in (("a", "first"), ("b", ""), ("c", "x"))
+    items = [  # one message of two items (one bad), then one of one
+        pb.EmbedStreamRequest(ids=["a", "b"], texts=["first", ""]),
+        pb.EmbedStreamRequest(ids=["c"], texts=["x"]),
     ]
     streamed = list(stub.EmbedStream(iter(items), timeout=60))
     with pytest.raises(grpc.RpcError):
@@ -73,12 +74,13 @@ def test_metrics_count_calls_by_code_texts_and_tokens(
     assert delta(after, before, "akidb_embed_stream_items_total", code="INVALID_ARGUMENT") == 1
 
     # Tokens embedded = what the responses report; rate() of this counter is tokens/s.
-    tokens = ok.total_tokens + sum(r.embedding.token_count for r in streamed if r.embedding)
+    tokens = ok.total_tokens + sum(sum(r.embeddings.token_counts) for r in streamed)
     assert delta(after, before, "akidb_embed_tokens_total", model=MODEL) == tokens
     assert delta(after, before, "akidb_embed_texts_total", model=MODEL) == 4
     padded = delta(after, before, "akidb_embed_padded_tokens_total", model=MODEL)
     assert padded >= tokens
-    # Tokenised once per call or item that got that far; batches timed on the compute thread.
+    # Tokenised once per call or stream message that got that far; batches timed on the
+    # compute thread.
     assert delta(after, before, "akidb_embed_tokenize_seconds_count", model=MODEL) == 3
     batches = delta(after, before, "akidb_embed_compute_seconds_count", model=MODEL)
     assert batches >= 1
@@ -175,7 +177,7 @@ def test_every_log_line_of_a_request_carries_its_id(
     lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
     mine = [line for line in lines if line.get("request_id") == "trace-load-7"]
     loggers = {line["logger"] for line in mine}
-    assert {"akidb_embed.service", "akidb_embed.interceptor"} <= loggers, lines
+    assert {"akidb_embed.service", "akidb_embed.access"} <= loggers, lines
     assert any("FAILED_PRECONDITION" in line["message"] for line in mine)
     for line in lines:
         if "broken-truncated" in line["message"]:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
 
-from akidb_embed.batching import ComputeWorker, plan_batches
+from akidb_embed.batching import ComputeWorker, GroupOutput, plan_batches
+from akidb_embed.tokenization import pack
+
+
+def vector(future: Future[GroupOutput], timeout: float = 10) -> np.ndarray:
+    """The one row of a single-text group, or its error raised."""
+    output = future.result(timeout)
+    if output.errors:
+        raise output.errors[0]
+    return output.vectors[0]
 
 
 class RecordingModel:
@@ -21,11 +32,14 @@ class RecordingModel:
         self.gate.set()
         self.entered = threading.Event()
 
-    def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+    def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         self.entered.set()
         self.gate.wait(10)
-        self.batches.append([ids[0] for ids in batch])
-        return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+        self.batches.append([int(ids[s]) for s in starts])
+        return np.array(
+            [[ids[s], n] for s, n in zip(starts, lengths, strict=True)], dtype=np.float32
+        )
 
 
 def test_plan_batches_respects_the_padded_token_budget() -> None:
@@ -54,7 +68,7 @@ def test_an_item_longer_than_the_budget_gets_its_own_batch() -> None:
 
 
 @pytest.fixture()
-def worker() -> ComputeWorker:
+def worker() -> Iterator[ComputeWorker]:
     w = ComputeWorker(max_batch_tokens=64, max_batch_size=4)
     w.start()
     yield w
@@ -64,7 +78,7 @@ def worker() -> ComputeWorker:
 def test_each_caller_gets_its_own_vector(worker: ComputeWorker) -> None:
     model = RecordingModel()
     futures = [worker.submit(model, [i] * (1 + i % 5)) for i in range(20)]
-    results = [f.result(10) for f in futures]
+    results = [vector(f) for f in futures]
     assert [(int(r[0]), int(r[1])) for r in results] == [(i, 1 + i % 5) for i in range(20)]
     assert all(len(b) <= 4 for b in model.batches)
 
@@ -77,9 +91,9 @@ def test_interactive_lane_goes_before_the_bulk_backlog(worker: ComputeWorker) ->
     bulk = [worker.submit(model, [100 + i]) for i in range(12)]
     query = worker.submit(model, [7], interactive=True)
     model.gate.set()
-    query.result(10)
+    vector(query)
     for f in [first, *bulk]:
-        f.result(10)
+        vector(f)
     assert model.batches[0] == [0]
     assert model.batches[1] == [7]  # the query ran right after the batch in progress
 
@@ -94,7 +108,7 @@ def test_cancelled_items_cost_no_compute(worker: ComputeWorker) -> None:
     for f in doomed:
         assert f.cancel()
     model.gate.set()
-    assert int(kept.result(10)[0]) == 9
+    assert int(vector(kept)[0]) == 9
     ran = {i for b in model.batches for i in b}
     assert not ran & {500 + i for i in range(6)}
     assert worker.queued_tokens == 0
@@ -102,16 +116,142 @@ def test_cancelled_items_cost_no_compute(worker: ComputeWorker) -> None:
 
 def test_forward_errors_reach_every_caller_of_the_batch(worker: ComputeWorker) -> None:
     class Broken(RecordingModel):
-        def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
             raise RuntimeError("boom")
 
     futures = [worker.submit(Broken(), [1]) for _ in range(3)]
     for f in futures:
         with pytest.raises(RuntimeError, match="boom"):
-            f.result(10)
+            vector(f)
     # The thread survives.
-    assert int(worker.submit(RecordingModel(), [4]).result(10)[0]) == 4
+    assert int(vector(worker.submit(RecordingModel(), [4]))[0]) == 4
 
 
-def test_jobs_run_on_the_compute_thread(worker: ComputeWorker) -> None:
-    assert worker.call(lambda: threading.current_thread().name).result(10) == "mlx-compute"
+def test_jobs_run_on_the_scheduler_thread(worker: ComputeWorker) -> None:
+    assert worker.call(lambda: threading.current_thread().name).result(10) == "scheduler"
+
+
+def submit_rows(worker: ComputeWorker, model: object, rows: Sequence[Sequence[int]],
+                interactive: bool = False) -> Future[GroupOutput]:  # fmt: skip
+    packed = pack(rows)
+    return worker.submit_group(model, packed.ids, packed.offsets, interactive)  # type: ignore[arg-type]
+
+
+def test_a_group_spans_batches_and_comes_back_whole_in_order(worker: ComputeWorker) -> None:
+    model = RecordingModel()
+    rows = [[i] * (1 + i % 7) for i in range(30)]  # 30 texts: several 4-row batches
+    output = submit_rows(worker, model, rows).result(10)
+    assert not output.errors
+    assert output.vectors.shape == (30, 2)
+    assert [(int(a), int(b)) for a, b in output.vectors] == [(i, 1 + i % 7) for i in range(30)]
+    assert len(model.batches) >= 8  # 4 rows per batch at most
+    assert worker.queued_tokens == 0 and worker.queued_items == 0
+
+
+def test_groups_share_batches() -> None:
+    worker = ComputeWorker(max_batch_tokens=64, max_batch_size=16)
+    model = RecordingModel()
+    model.gate.clear()
+    worker.start()
+    try:
+        first = worker.submit(model, [0])
+        assert model.entered.wait(5)
+        groups = [submit_rows(worker, model, [[10 * g + i] for i in range(3)]) for g in range(4)]
+        model.gate.set()
+        outputs = [g.result(10) for g in groups]
+        vector(first)
+    finally:
+        worker.stop(10)
+    assert [[int(v[0]) for v in o.vectors] for o in outputs] == [
+        [10 * g + i for i in range(3)] for g in range(4)
+    ]
+    assert len(model.batches) == 2  # the first, then all four groups in one batch
+
+
+def test_an_error_fails_only_the_rows_of_its_batch(worker: ComputeWorker) -> None:
+    class FailsOnSeven(RecordingModel):
+        def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+            if 7 in ids.tolist():
+                raise RuntimeError("row seven")
+            return super().forward_packed(ids, lengths)
+
+    rows = [[i, 1] for i in range(12)]  # 2 tokens each: 4 rows per batch, 3 batches
+    output = submit_rows(worker, FailsOnSeven(), rows).result(10)
+    assert sorted(output.errors) == [4, 5, 6, 7]  # the batch that held 7
+    assert [int(output.vectors[i][0]) for i in (0, 3, 8, 11)] == [0, 3, 8, 11]
+
+
+def test_cancelling_a_group_midway_drops_its_remaining_rows() -> None:
+    worker = ComputeWorker(max_batch_tokens=8, max_batch_size=1)
+    model = RecordingModel()
+    model.gate.clear()
+    worker.start()
+    try:
+        doomed = submit_rows(worker, model, [[100 + i] for i in range(20)])
+        assert model.entered.wait(5)
+        assert doomed.cancel()
+        kept = worker.submit(model, [5])
+        model.gate.set()
+        assert int(vector(kept)[0]) == 5
+    finally:
+        worker.stop(10)
+    ran = [i for b in model.batches for i in b]
+    assert len([i for i in ran if i >= 100]) <= 2  # the batch in progress, maybe one planned
+
+
+def test_a_trickle_of_bulk_texts_fills_batches_for_the_fill_window() -> None:
+    model = RecordingModel()
+
+    def run(fill: float) -> int:
+        model.batches.clear()
+        worker = ComputeWorker(max_batch_tokens=64, max_batch_size=64, bulk_fill_seconds=fill)
+        worker.start()
+        try:
+            futures = []
+            for i in range(20):  # one text every 0.5 ms
+                futures.append(worker.submit(model, [i]))
+                time.sleep(0.0005)
+            for f in futures:
+                vector(f)
+        finally:
+            worker.stop(10)
+        return len(model.batches)
+
+    trickled, filled = run(0.0), run(0.05)
+    assert filled <= 3 < trickled, (filled, trickled)
+
+
+def test_queries_never_wait_for_the_fill_window() -> None:
+    worker = ComputeWorker(max_batch_tokens=64, max_batch_size=64, bulk_fill_seconds=5.0)
+    worker.start()
+    try:
+        started = time.monotonic()
+        vector(worker.submit(RecordingModel(), [1], interactive=True))
+        assert time.monotonic() - started < 1.0
+    finally:
+        worker.stop(10)
+
+
+def test_bulk_batches_shrink_to_the_time_budget_while_queries_arrive() -> None:
+    class Timed(RecordingModel):
+        def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+            time.sleep(0.0002 * len(lengths) * max(lengths))  # 5,000 padded tokens/s
+            return super().forward_packed(ids, lengths)
+
+    model = Timed()
+    worker = ComputeWorker(max_batch_tokens=512, max_batch_size=64, bulk_batch_seconds=0.008)
+    worker.start()
+    try:
+        vector(worker.submit(model, [1] * 32))  # teaches it the speed
+        output = submit_rows(worker, model, [[i] * 8 for i in range(64)]).result(30)
+        assert not output.errors
+        alone = [len(b) for b in model.batches[1:]]
+        model.batches.clear()
+        vector(worker.submit(model, [2], interactive=True))
+        output = submit_rows(worker, model, [[i] * 8 for i in range(64)]).result(30)
+        with_queries = [len(b) for b in model.batches[1:]]
+    finally:
+        worker.stop(10)
+    assert max(alone) == 64  # no queries: the whole token budget
+    # Queries about: 8 ms at 5,000 tokens/s is 40 tokens, raised to the 64-token floor.
+    assert max(with_queries) == 64 // 8

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from akidb_embed.batching import ComputeWorker
+from akidb_embed.batching import ComputeWorker, GroupOutput
+
+
+def vector(future: Future[GroupOutput], timeout: float = 10) -> np.ndarray:
+    output = future.result(timeout)
+    if output.errors:
+        raise output.errors[0]
+    return output.vectors[0]
+
+
+def unpack(ids: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+    return [ids[s : s + n].tolist() for s, n in zip(starts, lengths, strict=True)]
 
 
 class Model:
     name = "m"
 
-    def forward(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+    def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         raise AssertionError("with a pool, batches go to the pool")
 
 
@@ -24,6 +35,7 @@ class FakePool:
 
     def __init__(self, processes: int = 2) -> None:
         self.processes = processes
+        self.ready_count = processes
         self.batches: list[list[int]] = []
         self.running = 0
         self.most_running = 0
@@ -33,7 +45,11 @@ class FakePool:
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(8)
 
-    def submit(self, model: str, batch: Sequence[Sequence[int]]) -> Future[np.ndarray]:
+    def on_capacity_change(self, listener: object) -> None:
+        pass
+
+    def submit(self, model: str, ids: np.ndarray, lengths: np.ndarray) -> Future[np.ndarray]:
+        batch = unpack(ids, lengths)
         with self._lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
@@ -62,7 +78,7 @@ def test_every_item_gets_its_own_vector_and_processes_stay_busy_not_flooded() ->
     items = [[i, *([7] * int(rng.integers(0, 30)))] for i in range(200)]
     futures = [compute.submit(Model(), ids) for ids in items]
     for ids, future in zip(items, futures, strict=True):
-        np.testing.assert_array_equal(future.result(10), [ids[0], len(ids)])
+        np.testing.assert_array_equal(vector(future), [ids[0], len(ids)])
     compute.stop(10)
     assert pool.most_running <= pool.processes
     assert pool.most_running == pool.processes  # both were used
@@ -78,7 +94,7 @@ def test_bulk_windows_sort_by_length_across_batches() -> None:
     futures = [compute.submit(Model(), [i, *([7] * (n - 1))]) for i, n in enumerate(lengths)]
     pool.gate.set()
     for future in [blocker, *futures]:
-        future.result(10)
+        vector(future)
     compute.stop(10)
     # Long texts share batches, short ones share others: nothing short padded to 30.
     for batch in pool.batches[1:]:
@@ -94,9 +110,9 @@ def test_a_query_goes_before_planned_bulk_batches() -> None:
     bulk = [compute.submit(Model(), [i, *([7] * 10)]) for i in range(20)]
     query = compute.submit(Model(), [5000], interactive=True)
     pool.gate.set()
-    query.result(10)
+    vector(query)
     for future in [first, *bulk]:
-        future.result(10)
+        vector(future)
     compute.stop(10)
     order = [ids for batch in pool.batches for ids in batch]
     # Only what was already running (and at most the batch being started) precedes it.
@@ -114,8 +130,8 @@ def test_a_caller_that_gives_up_while_planned_costs_no_compute() -> None:
     for future in doomed:
         assert future.cancel()
     pool.gate.set()
-    first.result(10)
-    np.testing.assert_array_equal(kept.result(10), [77, 2])
+    vector(first)
+    np.testing.assert_array_equal(vector(kept), [77, 2])
     compute.stop(10)
     assert not {0, 1, 2, 3, 4} & {ids for batch in pool.batches for ids in batch}
 
@@ -125,22 +141,22 @@ def test_stop_finishes_what_is_queued() -> None:
     compute = worker(pool)
     futures = [compute.submit(Model(), [i, 1, 2]) for i in range(50)]
     compute.stop(10)
-    assert all(f.done() and f.exception() is None for f in futures)
+    assert all(f.done() and not f.result().errors for f in futures)
 
 
 def test_a_failed_batch_fails_only_its_items() -> None:
     class FailingPool(FakePool):
-        def submit(self, model: str, batch: Sequence[Sequence[int]]) -> Future[np.ndarray]:
-            if any(ids[0] == 13 for ids in batch):
+        def submit(self, model: str, ids: np.ndarray, lengths: np.ndarray) -> Future[np.ndarray]:
+            if any(row[0] == 13 for row in unpack(ids, lengths)):
                 future: Future[np.ndarray] = Future()
                 future.set_exception(RuntimeError("worker said no"))
                 return future
-            return super().submit(model, batch)
+            return super().submit(model, ids, lengths)
 
     compute = ComputeWorker(max_batch_tokens=4, max_batch_size=1, pool=FailingPool())  # type: ignore[arg-type]
     compute.start()
     bad, good = compute.submit(Model(), [13]), compute.submit(Model(), [14])
     with pytest.raises(RuntimeError, match="worker said no"):
-        bad.result(10)
-    np.testing.assert_array_equal(good.result(10), [14, 1])
+        vector(bad)
+    np.testing.assert_array_equal(vector(good), [14, 1])
     compute.stop(10)

@@ -12,8 +12,13 @@ from akidb_embed.engine import EmbedOptions
 from akidb_embed.errors import ModelLoadError, ModelNotAvailable, Unavailable
 from akidb_embed.loader import load_engine
 from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.tokenization import pack
 from akidb_embed.workers import (
+    FAULT_TOKEN_ENV,
     ModelSpec,
+    RowFailures,
+    Watchdog,
+    WorkerCrashed,
     WorkerPool,
     cgroup_cpu_limit,
     default_batch_tokens,
@@ -45,7 +50,8 @@ def test_workers_give_the_in_process_engines_vectors(pool: WorkerPool) -> None:
     engine = load_engine(MINILM, name="minilm", source="minilm", revision="test")
     ids = [t.ids for t in engine.tokenize(TEXTS, EmbedOptions())]
     batches = [ids[:2], ids[2:], ids, ids[3:]]
-    futures = [pool.submit("minilm", batch) for batch in batches]  # both processes at once
+    packed = [pack(batch) for batch in batches]
+    futures = [pool.submit("minilm", p.ids, p.lengths) for p in packed]  # both at once
     for batch, future in zip(batches, futures, strict=True):
         got = future.result(60)
         assert got.dtype == np.float32 and got.shape == (len(batch), 384)
@@ -65,15 +71,85 @@ def test_a_broken_model_directory_fails_the_load_with_its_reason(tmp_path: Path)
         workers.load(ModelSpec("broken", tmp_path, "broken", "test"))
 
 
-def test_a_dead_worker_reports_unavailable() -> None:
-    workers = WorkerPool(1)
-    try:
-        workers._workers[0].process.kill()
-        workers._workers[0].process.join(10)
-        with pytest.raises(Unavailable, match="died"):
-            workers.forward("m", [[1, 2]])
-    finally:
-        workers.close()
+def wait_until(predicate: object, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@needs_minilm
+def test_a_killed_worker_is_replaced_and_its_batch_runs_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    assert MINILM is not None
+    with WorkerPool(1, watchdog=Watchdog(min_seconds=30)) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        expected = workers.forward("minilm", [[101, 7592, 102]])
+        # A long batch, killed while it computes: the caller still gets its vectors.
+        rows = [[101, *range(2000, 2250), 102]] * 64
+        packed = pack(rows)
+        future = workers.submit("minilm", packed.ids, packed.lengths)
+        [pid] = workers.pids()
+        os.kill(pid, signal.SIGKILL)
+        got = future.result(120)
+        assert got.shape == (64, 384) and np.isfinite(got).all()
+        assert workers.restarts == 1 and workers.reruns == 1 and workers.failed_batches == 0
+        assert workers.pids() != [pid]
+        wait_until(lambda: workers.ready_count == 1)
+        np.testing.assert_allclose(workers.forward("minilm", [[101, 7592, 102]]), expected)
+        # A worker that dies while idle is replaced too.
+        [pid] = workers.pids()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: workers.restarts == 2 and workers.ready_count == 1)
+        np.testing.assert_allclose(workers.forward("minilm", [[101, 7592, 102]]), expected)
+
+
+@needs_minilm
+def test_a_batch_that_always_kills_its_worker_fails_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert MINILM is not None
+    monkeypatch.setenv(FAULT_TOKEN_ENV, "4242")  # spawned workers inherit it
+    with WorkerPool(2) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        # The batch is re-run text by text: the good text gets its vector, the bad one fails.
+        with pytest.raises(RowFailures) as info:
+            workers.forward("minilm", [[101, 4242, 102], [101, 7592, 102]])
+        assert list(info.value.errors) == [0]
+        error = info.value.errors[0]
+        assert isinstance(error, WorkerCrashed) and "killed the engine twice" in error.message
+        assert "exited with code 70" in error.message
+        np.testing.assert_allclose(
+            info.value.vectors[1], workers.forward("minilm", [[101, 7592, 102]])[0], atol=1e-6
+        )
+        assert workers.reruns == 1 and workers.failed_batches == 1 and workers.restarts == 2
+        wait_until(lambda: workers.ready_count == 2)
+        assert workers.forward("minilm", [[101, 7592, 102]]).shape == (1, 384)
+
+
+@needs_minilm
+def test_a_hung_worker_is_killed_by_the_watchdog_and_its_batch_runs_again() -> None:
+    import os
+    import signal
+    import time
+
+    assert MINILM is not None
+    with WorkerPool(1, watchdog=Watchdog(min_seconds=1.0, first_seconds=1.0)) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        [pid] = workers.pids()
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        got = workers.forward("minilm", [[101, 7592, 102]])
+        assert got.shape == (1, 384)
+        assert time.monotonic() - started < 30
+        assert workers.restarts == 1 and workers.reruns == 1
+        assert "stopped answering" in workers.last_failure
 
 
 def test_a_closed_pool_refuses_work() -> None:
@@ -84,7 +160,7 @@ def test_a_closed_pool_refuses_work() -> None:
 
 
 def test_defaults_depend_on_the_backend() -> None:
-    assert default_workers(on_gpu=True) == 0
+    assert default_workers(on_gpu=True) == 1  # supervised, even on one device
     assert default_batch_tokens(on_gpu=True) > default_batch_tokens(on_gpu=False)
 
 
@@ -109,7 +185,6 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
     import time
 
     import psutil
-    from grpc_health.v1 import health_pb2
 
     from akidb_embed_client import EmbedClient
 
@@ -125,7 +200,7 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
         while time.monotonic() < deadline:
             try:
                 with EmbedClient(str(socket), timeout=2) as client:
-                    if client.check() == health_pb2.HealthCheckResponse.SERVING:
+                    if client.check() == "SERVING":
                         assert client.embed(["a text"]).vectors.shape == (1, 384)
                         break
             except Exception:
@@ -146,3 +221,40 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_the_cgroup_memory_limit_is_read(tmp_path: Path) -> None:
+    from akidb_embed.workers import cgroup_memory_limit
+
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    assert cgroup_memory_limit(v2, v1) is None  # neither file: no limit known
+    v2.write_text("2147483648\n")
+    assert cgroup_memory_limit(v2, v1) == 2 * 2**30
+    v2.write_text("max\n")
+    assert cgroup_memory_limit(v2, v1) is None
+    v2.unlink()
+    v1.write_text(str(2**63 - 4096))  # cgroup v1's "unlimited"
+    assert cgroup_memory_limit(v2, v1) is None
+    v1.write_text(str(512 * 2**20))
+    assert cgroup_memory_limit(v2, v1) == 512 * 2**20
+
+
+def test_the_default_worker_count_fits_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from akidb_embed import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    monkeypatch.setattr(workers, "cgroup_cpu_limit", lambda: None)
+    mib = 2**20
+    # Plenty of memory: one per core.
+    assert workers.default_workers(False, memory_budget=64 * 2**30) == 16
+    # A 2 GiB container with the default model: 0.8 * 2048 - 256 - 90 = 1292 MiB, 200 each.
+    assert workers.default_workers(False, memory_budget=2048 * mib) == 6
+    assert workers.default_workers(False, memory_budget=1024 * mib) == 2
+    # Too small for two workers: the models run in the server process.
+    assert workers.default_workers(False, memory_budget=512 * mib) == 0
+    # Bigger models, fewer workers.
+    assert workers.default_workers(False, 8192 * mib, model_bytes=1200 * mib) == 3
+    # The container limit is used when no budget is given.
+    monkeypatch.setattr(workers, "cgroup_memory_limit", lambda: 1024 * mib)
+    assert workers.default_workers(False) == 2
+    assert workers.default_workers(True) == 1  # a GPU: one supervised worker

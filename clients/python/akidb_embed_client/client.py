@@ -1,6 +1,15 @@
 """Sync and asyncio clients: `embed(texts) -> vectors`, `embed_stream`, `list_models`, `health`.
 
-Targets: a socket path (`/run/akidb/embed.sock`), `unix:PATH`, or `host:port`.
+Targets: a socket path (`/run/akidb/embed.sock`), `unix:PATH`, or `host:port`; none means
+the server's default socket (`$AKIDB_EMBED_SOCKET`, else the per-user runtime path).
+
+Deadlines: `embed`, `list_models`, `health` and `check` default to `DEFAULT_TIMEOUT`
+seconds (pass `timeout=` per client or per call; `None` waits for ever). A bulk stream has
+no deadline by default: it runs as long as its input does.
+
+`embed_stream` coalesces items into messages by itself: whatever the caller's iterable has
+produced is sent together, up to `max_items_per_message` items or `max_chars_per_message`
+characters, and a message goes out as soon as the input pauses. No tuning is needed.
 """
 
 from __future__ import annotations
@@ -8,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict
 
 import grpc
 import numpy as np
@@ -20,8 +29,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
-# Items sent on a stream and not yet answered (the server itself works on 256 at a time).
-DEFAULT_MAX_IN_FLIGHT = 512
+from .paths import default_socket_path
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+# Items sent on a stream and not yet answered (the server works on 4096 at a time).
+DEFAULT_MAX_IN_FLIGHT = 8192
+# What one stream message carries at most.
+DEFAULT_MAX_ITEMS_PER_MESSAGE = 256
+DEFAULT_MAX_CHARS_PER_MESSAGE = 1 << 20
+# Seconds a unary call may take unless told otherwise.
+DEFAULT_TIMEOUT = 30.0
 
 Truncation = Literal["error", "end", "start"]
 _TRUNCATION = {
@@ -37,13 +56,21 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+class Options(TypedDict, total=False):
+    """Per-request options (the server's EmbedOptions). At most one of prompt_name,
+    prompt and instruction."""
+
+    normalize: bool  # L2-normalise (default true)
+    dimensions: int  # Matryoshka size; 0 = native
+    truncation: Truncation  # "end" (default), "start" or "error"
+    prompt_name: str  # a prompt the model ships, e.g. "query"
+    prompt: str  # a literal prefix
+    instruction: str  # formatted with the model's instruction template
+
+
 def default_target() -> str:
     """The server's default socket: $AKIDB_EMBED_SOCKET, else the per-user runtime path."""
-    if env := os.environ.get("AKIDB_EMBED_SOCKET"):
-        return env
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "akidb-embed" if runtime else Path(f"/tmp/akidb-embed-{os.getuid()}")
-    return str(base / "embed.sock")
+    return str(default_socket_path())
 
 
 def grpc_target(target: str | None) -> str:
@@ -93,6 +120,12 @@ class Space:
         )
 
 
+def _rows(batch: pb.EmbeddingBatch) -> np.ndarray:
+    """The batch's vectors as one (N, D) float32 array over the message's buffer."""
+    vectors = np.frombuffer(batch.vectors, dtype="<f4")
+    return vectors.reshape(-1, batch.dimensions) if batch.dimensions else vectors.reshape(0, 0)
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     vectors: np.ndarray  # (N, D) float32, input order
@@ -103,19 +136,18 @@ class EmbedResult:
 
     @classmethod
     def from_proto(cls, response: pb.EmbedResponse) -> EmbedResult:
-        dims = response.space.dimensions
-        vectors = np.frombuffer(b"".join(e.vector for e in response.embeddings), dtype="<f4")
         return cls(
-            vectors=vectors.reshape(len(response.embeddings), dims),
-            token_counts=[e.token_count for e in response.embeddings],
-            truncated=[e.truncated for e in response.embeddings],
+            vectors=_rows(response.embeddings),
+            token_counts=list(response.embeddings.token_counts),
+            truncated=list(response.embeddings.truncated),
             space=Space.from_proto(response.space),
             model=response.model,
         )
 
 
-@dataclass(frozen=True)
-class StreamResult:
+class StreamResult(NamedTuple):
+    """One stream item's outcome: its vector, or its error."""
+
     id: str
     vector: np.ndarray | None
     token_count: int = 0
@@ -123,78 +155,236 @@ class StreamResult:
     space: Space | None = None
     error: EmbedClientError | None = None
 
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_texts_per_request: int
+    max_chars_per_text: int
+    max_chars_per_request: int
+    max_queued_tokens: int
+    stream_window: int
+    max_message_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelHealth:
+    name: str
+    status: str  # "SERVING" or "NOT_SERVING"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Health:
+    status: str  # "SERVING" or "NOT_SERVING"
+    version: str
+    uptime_seconds: float
+    backend: str
+    models: list[ModelHealth]
+    limits: ServerLimits
+    workers_ready: int
+    workers_configured: int
+
+    @property
+    def serving(self) -> bool:
+        return self.status == "SERVING"
+
     @classmethod
-    def from_proto(cls, response: pb.EmbedStreamResponse) -> StreamResult:
-        if response.WhichOneof("result") == "error":
-            code = _status_code(response.error.code)
-            return cls(response.id, None, error=EmbedClientError(code, response.error.message))
-        embedding = response.embedding
+    def from_proto(cls, response: pb.HealthResponse) -> Health:
+        def status(value: int) -> str:
+            return pb.ServingStatus.Name(value).removeprefix("SERVING_STATUS_")  # type: ignore[arg-type]
+
+        limits = response.limits
         return cls(
-            id=response.id,
-            vector=np.frombuffer(embedding.vector, dtype="<f4"),
-            token_count=embedding.token_count,
-            truncated=embedding.truncated,
-            space=Space.from_proto(response.space),
+            status=status(response.status),
+            version=response.version,
+            uptime_seconds=response.uptime_seconds,
+            backend=response.backend,
+            models=[ModelHealth(m.name, status(m.status), m.reason) for m in response.models],
+            limits=ServerLimits(
+                max_texts_per_request=limits.max_texts_per_request,
+                max_chars_per_text=limits.max_chars_per_text,
+                max_chars_per_request=limits.max_chars_per_request,
+                max_queued_tokens=limits.max_queued_tokens,
+                stream_window=limits.stream_window,
+                max_message_bytes=limits.max_message_bytes,
+            ),
+            workers_ready=response.workers_ready,
+            workers_configured=response.workers_configured,
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str
+    revision: str
+    state: str  # "loaded", "on_disk", "not_downloaded", "loading", "failed"
+    state_reason: str
+    dimensions: int
+    matryoshka_dimensions: list[int]
+    max_tokens: int
+    pooling: str
+    prompts: dict[str, str]
+    dtype: str
+    memory_bytes: int
+    size_on_disk_bytes: int
+    architecture: str
+    is_default: bool
+
+    @classmethod
+    def from_proto(cls, info: pb.ModelInfo) -> ModelInfo:
+        return cls(
+            name=info.name,
+            source=info.source,
+            revision=info.revision,
+            state=pb.ModelState.Name(info.state).removeprefix("MODEL_STATE_").lower(),
+            state_reason=info.state_reason,
+            dimensions=info.dimensions,
+            matryoshka_dimensions=list(info.matryoshka_dimensions),
+            max_tokens=info.max_tokens,
+            pooling=pb.Pooling.Name(info.pooling).removeprefix("POOLING_").lower(),
+            prompts=dict(info.prompts),
+            dtype=info.dtype,
+            memory_bytes=info.memory_bytes,
+            size_on_disk_bytes=info.size_on_disk_bytes,
+            architecture=info.architecture,
+            is_default=info.is_default,
         )
 
 
 def _status_code(number: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
-def build_options(
-    normalize: bool | None = None,
-    dimensions: int = 0,
-    truncation: Truncation | None = None,
-    prompt_name: str | None = None,
-    prompt: str | None = None,
-    instruction: str | None = None,
-) -> pb.EmbedOptions:
-    if sum(x is not None for x in (prompt_name, prompt, instruction)) > 1:
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def build_options(**options: Unpack[Options]) -> pb.EmbedOptions:
+    known = Options.__annotations__
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    prompts = [k for k in ("prompt_name", "prompt", "instruction") if options.get(k) is not None]
+    if len(prompts) > 1:
         raise ValueError("give at most one of prompt_name, prompt, instruction")
-    options = pb.EmbedOptions(dimensions=dimensions, truncation=_TRUNCATION[truncation])
-    if normalize is not None:
-        options.normalize = normalize
-    if prompt_name is not None:
-        options.prompt_name = prompt_name
-    elif prompt is not None:
-        options.prompt = prompt
-    elif instruction is not None:
-        options.instruction = instruction
-    return options
+    built = pb.EmbedOptions(
+        dimensions=options.get("dimensions", 0),
+        truncation=_TRUNCATION[options.get("truncation")],
+    )
+    if options.get("normalize") is not None:
+        built.normalize = options["normalize"]
+    if prompts:
+        setattr(built, prompts[0], options[prompts[0]])  # type: ignore[literal-required]
+    return built
 
 
-def _stream_request(
-    index: int, item: str | tuple[str, str], model: str, options: pb.EmbedOptions
-) -> pb.EmbedStreamRequest:
-    item_id, text = (str(index), item) if isinstance(item, str) else item
-    request = pb.EmbedStreamRequest(id=item_id, text=text)
-    if index == 0:  # model and options are sticky for the rest of the stream
-        request.model = model
-        request.options.CopyFrom(options)
-    return request
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(
+            "texts must be a sequence of strings, not one string: embed([text]) for a single text"
+        )
+    return list(texts)
+
+
+def _as_pair(index: int, item: str | tuple[str, str]) -> tuple[str, str]:
+    if isinstance(item, str):
+        return str(index), item
+    item_id, text = item
+    return item_id, text
+
+
+@dataclass
+class _StreamState:
+    """What one stream's sender and receiver share (guarded by `cond`)."""
+
+    max_in_flight: int
+    max_items: int
+    max_chars: int
+    model: str
+    options: pb.EmbedOptions
+    pending: deque[tuple[str, str]] = field(default_factory=deque)
+    in_flight: int = 0  # taken from the input, not yet answered
+    input_done: bool = False
+    input_error: BaseException | None = None
+    finished: bool = False
+    first: bool = True
+    space: Space | None = None
+
+    def take(self) -> pb.EmbedStreamRequest:
+        """(lock held, pending not empty) The next message: what is there, up to limits."""
+        ids: list[str] = []
+        texts: list[str] = []
+        chars = 0
+        pending = self.pending
+        while pending and len(ids) < self.max_items:
+            if ids and chars + len(pending[0][1]) > self.max_chars:
+                break
+            item_id, text = pending.popleft()
+            ids.append(item_id)
+            texts.append(text)
+            chars += len(text)
+        request = pb.EmbedStreamRequest(ids=ids, texts=texts)
+        if self.first:  # model and options are sticky for the rest of the stream
+            self.first = False
+            request.model = self.model
+            request.options.CopyFrom(self.options)
+        return request
+
+    def results(self, response: pb.EmbedStreamResponse) -> list[StreamResult]:
+        if response.HasField("space"):
+            self.space = Space.from_proto(response.space)
+        ids = response.ids
+        batch = response.embeddings
+        vectors = _rows(batch)
+        counts = batch.token_counts
+        truncated = batch.truncated
+        space = self.space
+        if not response.errors:
+            return [
+                StreamResult(item_id, vector, count, cut, space)
+                for item_id, vector, count, cut in zip(ids, vectors, counts, truncated, strict=True)
+            ]
+        failed = {
+            e.index: EmbedClientError(_status_code(e.code), e.message) for e in response.errors
+        }
+        out: list[StreamResult] = []
+        row = 0
+        for index, item_id in enumerate(ids):
+            error = failed.get(index)
+            if error is not None:
+                out.append(StreamResult(item_id, None, error=error))
+            else:
+                out.append(StreamResult(item_id, vectors[row], counts[row], truncated[row], space))
+                row += 1
+        return out
 
 
 class EmbedClient:
-    """Blocking client. `embed_stream` keeps the stream full: gRPC sends from the iterable
-    as HTTP/2 flow control allows while results come back."""
+    """Blocking client. `embed_stream` keeps the stream full: items go out in messages as
+    HTTP/2 flow control allows while results come back."""
 
-    def __init__(self, target: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, target: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.target = grpc_target(target)
         self.timeout = timeout
         self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
     def embed(
-        self, texts: Sequence[str], model: str = "", timeout: float | None = None, **options: Any
+        self,
+        texts: Sequence[str],
+        model: str = "",
+        timeout: float | None = None,
+        **options: Unpack[Options],
     ) -> EmbedResult:
-        request = pb.EmbedRequest(model=model, texts=texts, options=build_options(**options))
+        request = pb.EmbedRequest(
+            model=model, texts=_check_texts(texts), options=build_options(**options)
+        )
         try:
-            response = self._stub.Embed(request, timeout=timeout or self.timeout)
+            response = self._stub.Embed(request, timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
         return EmbedResult.from_proto(response)
@@ -205,54 +395,98 @@ class EmbedClient:
         model: str = "",
         timeout: float | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        **options: Any,
+        max_items_per_message: int = DEFAULT_MAX_ITEMS_PER_MESSAGE,
+        max_chars_per_message: int = DEFAULT_MAX_CHARS_PER_MESSAGE,
+        **options: Unpack[Options],
     ) -> Iterator[StreamResult]:
         """Items are texts (ids become their index) or (id, text) pairs; results in order.
 
-        gRPC sends from `items` in its own thread while results come back; at most
-        `max_in_flight` items are sent and not yet answered, so a shutdown or an error
-        never leaves a huge backlog in the transport."""
-        build = build_options(**options)
-        slots = threading.Semaphore(max_in_flight)
-        finished = threading.Event()
+        A thread reads `items` while gRPC sends what it has read, in messages, and results
+        come back; at most `max_in_flight` items are read and not yet answered, so a
+        shutdown or an error never leaves a huge backlog in the transport. `timeout`
+        bounds the whole stream (default: none)."""
+        if isinstance(items, (str, bytes)):
+            raise TypeError("items must be an iterable of texts or (id, text) pairs")
+        state = _StreamState(
+            max_in_flight,
+            max_items_per_message,
+            max_chars_per_message,
+            model,
+            build_options(**options),
+        )
+        cond = threading.Condition()
+
+        def read() -> None:
+            try:
+                for index, item in enumerate(items):
+                    pair = _as_pair(index, item)
+                    with cond:
+                        while state.in_flight >= state.max_in_flight and not state.finished:
+                            cond.wait()
+                        if state.finished:
+                            return
+                        state.pending.append(pair)
+                        state.in_flight += 1
+                        if len(state.pending) == 1:
+                            cond.notify_all()
+            except BaseException as exc:  # the caller's iterable failed: end the stream
+                state.input_error = exc
+            with cond:
+                state.input_done = True
+                cond.notify_all()
 
         def requests() -> Iterator[pb.EmbedStreamRequest]:
-            for index, item in enumerate(items):
-                while not slots.acquire(timeout=0.1):
-                    if finished.is_set():
+            while True:
+                with cond:
+                    while not state.pending and not state.input_done and not state.finished:
+                        cond.wait()
+                    if state.finished or not state.pending:
                         return
-                yield _stream_request(index, item, model, build)
+                    request = state.take()
+                yield request
 
-        call = self._stub.EmbedStream(requests(), timeout=timeout or self.timeout)
+        reader = threading.Thread(target=read, name="embed-stream-input", daemon=True)
+        reader.start()
+        call = self._stub.EmbedStream(requests(), timeout=timeout)
         try:
             for response in call:
-                slots.release()
-                yield StreamResult.from_proto(response)
+                with cond:
+                    state.in_flight -= len(response.ids)
+                    cond.notify_all()
+                yield from state.results(response)
+            if state.input_error is not None:
+                raise state.input_error
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
         finally:
-            finished.set()
+            with cond:
+                state.finished = True
+                cond.notify_all()
             call.cancel()
 
-    def list_models(self) -> list[pb.ModelInfo]:
+    def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
         try:
-            return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
+        return [ModelInfo.from_proto(m) for m in response.models]
 
-    def health(self) -> pb.HealthResponse:
+    def health(self, timeout: float | None = None) -> Health:
         try:
-            return self._stub.Health(pb.HealthRequest(), timeout=self.timeout)
+            response = self._stub.Health(pb.HealthRequest(), timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
+        return Health.from_proto(response)
 
-    def check(self, service: str = "") -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
-        """The standard grpc.health.v1 status of `service` ("" = the whole server)."""
+    def check(self, service: str = "", timeout: float | None = None) -> str:
+        """The standard grpc.health.v1 status of `service` ("" = the whole server):
+        "SERVING", "NOT_SERVING", ..."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            return self._health.Check(request, timeout=self.timeout).status
+            reply = self._health.Check(request, timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def close(self) -> None:
         self._channel.close()
@@ -265,21 +499,30 @@ class EmbedClient:
 
 
 class AsyncEmbedClient:
-    """asyncio client over grpc.aio."""
+    """asyncio client over grpc.aio: the same methods as EmbedClient."""
 
-    def __init__(self, target: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, target: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.target = grpc_target(target)
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
     async def embed(
-        self, texts: Sequence[str], model: str = "", timeout: float | None = None, **options: Any
+        self,
+        texts: Sequence[str],
+        model: str = "",
+        timeout: float | None = None,
+        **options: Unpack[Options],
     ) -> EmbedResult:
-        request = pb.EmbedRequest(model=model, texts=texts, options=build_options(**options))
+        request = pb.EmbedRequest(
+            model=model, texts=_check_texts(texts), options=build_options(**options)
+        )
         try:
-            response = await self._stub.Embed(request, timeout=timeout or self.timeout)
+            response = await self._stub.Embed(request, timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
         return EmbedResult.from_proto(response)
@@ -290,47 +533,110 @@ class AsyncEmbedClient:
         model: str = "",
         timeout: float | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        **options: Any,
+        max_items_per_message: int = DEFAULT_MAX_ITEMS_PER_MESSAGE,
+        max_chars_per_message: int = DEFAULT_MAX_CHARS_PER_MESSAGE,
+        **options: Unpack[Options],
     ) -> AsyncIterator[StreamResult]:
         """As EmbedClient.embed_stream; `items` may be an async iterable."""
-        build = build_options(**options)
-        slots = asyncio.Semaphore(max_in_flight)
+        if isinstance(items, (str, bytes)):
+            raise TypeError("items must be an iterable of texts or (id, text) pairs")
+        state = _StreamState(
+            max_in_flight,
+            max_items_per_message,
+            max_chars_per_message,
+            model,
+            build_options(**options),
+        )
+        cond = asyncio.Condition()
+
+        async def put(index: int, item: str | tuple[str, str]) -> bool:
+            pair = _as_pair(index, item)
+            async with cond:
+                await cond.wait_for(lambda: state.in_flight < state.max_in_flight or state.finished)
+                if state.finished:
+                    return False
+                state.pending.append(pair)
+                state.in_flight += 1
+                if len(state.pending) == 1:
+                    cond.notify_all()
+            return True
+
+        async def read() -> None:
+            try:
+                if isinstance(items, AsyncIterable):
+                    index = 0
+                    async for item in items:
+                        if not await put(index, item):
+                            return
+                        index += 1
+                else:
+                    for index, item in enumerate(items):
+                        if not await put(index, item):
+                            return
+                        if index % 64 == 63:
+                            await asyncio.sleep(0)  # let the sender take what is there
+            except Exception as exc:
+                state.input_error = exc
+            finally:
+                async with cond:
+                    state.input_done = True
+                    cond.notify_all()
 
         async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
-            index = 0
-            if isinstance(items, AsyncIterable):
-                async for item in items:
-                    await slots.acquire()
-                    yield _stream_request(index, item, model, build)
-                    index += 1
-            else:
-                for item in items:
-                    await slots.acquire()
-                    yield _stream_request(index, item, model, build)
-                    index += 1
+            while True:
+                async with cond:
+                    await cond.wait_for(
+                        lambda: bool(state.pending) or state.input_done or state.finished
+                    )
+                    if state.finished or not state.pending:
+                        return
+                    request = state.take()
+                yield request
 
-        call = self._stub.EmbedStream(requests(), timeout=timeout or self.timeout)
+        reader = asyncio.ensure_future(read())
+        call = self._stub.EmbedStream(requests(), timeout=timeout)
         try:
             async for response in call:
-                slots.release()
-                yield StreamResult.from_proto(response)
+                async with cond:
+                    state.in_flight -= len(response.ids)
+                    cond.notify_all()
+                for result in state.results(response):
+                    yield result
+            if state.input_error is not None:
+                raise state.input_error
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
         finally:
+            async with cond:
+                state.finished = True
+                cond.notify_all()
+            reader.cancel()
             call.cancel()
 
-    async def list_models(self) -> list[pb.ModelInfo]:
+    async def list_models(self, timeout: float | None = None) -> list[ModelInfo]:
         try:
-            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._timeout(timeout)
+            )
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
-        return list(response.models)
+        return [ModelInfo.from_proto(m) for m in response.models]
 
-    async def health(self) -> pb.HealthResponse:
+    async def health(self, timeout: float | None = None) -> Health:
         try:
-            return await self._stub.Health(pb.HealthRequest(), timeout=self.timeout)
+            response = await self._stub.Health(pb.HealthRequest(), timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise EmbedClientError.from_rpc_error(error) from None
+        return Health.from_proto(response)
+
+    async def check(self, service: str = "", timeout: float | None = None) -> str:
+        """As EmbedClient.check."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            reply = await self._health.Check(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as error:
+            raise EmbedClientError.from_rpc_error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -1,6 +1,9 @@
 //! How the database calls the sidecar: connect, embed a query, stream a corpus.
 //!
-//!     cargo run --example embed -- unix:/run/akidb-embed.sock 1000
+//!     cargo run --example embed -- unix:/run/akidb-embed/embed.sock 1000
+//!
+//! With no target (or ""), the server's default socket: $AKIDB_EMBED_SOCKET, else the
+//! per-user path `akidb-embed serve` uses.
 
 use std::time::{Duration, Instant};
 
@@ -10,9 +13,7 @@ use futures_util::StreamExt;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let target = args
-        .next()
-        .unwrap_or_else(|| "unix:/tmp/akidb-embed.sock".to_string());
+    let target = args.next().unwrap_or_default();
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1000);
 
     let client = Client::connect(&target)

@@ -88,10 +88,18 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `target`: a socket path (`/run/akidb-embed.sock`,
-    /// `unix:/run/akidb-embed.sock`) or `host:port`.
+    /// Connects to `target`: a socket path (`/run/akidb-embed/embed.sock`,
+    /// `unix:/run/akidb-embed/embed.sock`), `host:port`, or `""` for the server's
+    /// default socket (`$AKIDB_EMBED_SOCKET`, else the per-user path the server uses).
     pub async fn connect(target: &str) -> Result<Client, Status> {
         Client::connect_with(target, ChannelOptions::default()).await
+    }
+
+    /// Connects to the server's default socket: `$AKIDB_EMBED_SOCKET`, else
+    /// `$XDG_RUNTIME_DIR/akidb-embed/embed.sock`, else `/tmp/akidb-embed-$UID/embed.sock`
+    /// (`akidb_embed_client::grpc::default_socket_path`).
+    pub async fn connect_default() -> Result<Client, Status> {
+        Client::connect("").await
     }
 
     pub async fn connect_with(target: &str, options: ChannelOptions) -> Result<Client, Status> {

@@ -3,7 +3,8 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), akidb_embed_client::Status> {
 //! use akidb_embed_client::Client;
-//! let client = Client::connect("unix:/run/akidb-embed.sock").await?;
+//! // "" or `Client::connect_default()`: $AKIDB_EMBED_SOCKET, else the server's default.
+//! let client = Client::connect("unix:/run/akidb-embed/embed.sock").await?;
 //! let out = client.embed("", ["what is a vector database?"], None).await?;
 //! println!("{} dims, space {}", out.embeddings[0].vector.len(), out.space.fingerprint);
 //! # Ok(()) }

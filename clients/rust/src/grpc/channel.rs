@@ -36,15 +36,38 @@ pub enum Target {
     Tcp(String),
 }
 
+extern "C" {
+    fn getuid() -> u32;
+}
+
+/// The socket the server listens on by default, as the server computes it:
+/// `$AKIDB_EMBED_SOCKET`, else `$XDG_RUNTIME_DIR/akidb-embed/embed.sock`, else
+/// `/tmp/akidb-embed-$UID/embed.sock`.
+pub fn default_socket_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("AKIDB_EMBED_SOCKET").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let base = match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
+        Some(runtime) => PathBuf::from(runtime).join("akidb-embed"),
+        // SAFETY: getuid has no preconditions and cannot fail.
+        None => PathBuf::from(format!("/tmp/akidb-embed-{}", unsafe { getuid() })),
+    };
+    base.join("embed.sock")
+}
+
 impl Target {
     /// `unix:PATH`, `unix://PATH`, a path starting with `/` or `.`, or
-    /// `host:port` (optionally `http://host:port`).
+    /// `host:port` (optionally `http://host:port`). An empty target is the
+    /// server's default socket (`default_socket_path`).
     pub fn parse(target: &str) -> Result<Target, Status> {
+        if target.trim().is_empty() {
+            return Ok(Target::Unix(default_socket_path()));
+        }
         let invalid = |why: &str| {
             Status::new(
                 Code::InvalidArgument,
                 format!(
-                    "invalid target {:?}: {}; use a socket path (unix:/run/akidb-embed.sock) or host:port",
+                    "invalid target {:?}: {}; use a socket path (unix:/run/akidb-embed/embed.sock), host:port, or \"\" for the default socket",
                     target, why
                 ),
             )
@@ -562,5 +585,31 @@ impl<R: Message + Default> Streaming<R> {
             ));
         }
         Ok(State::Body(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_target_is_the_default_socket() {
+        // The only test that touches the variable: tests run in parallel threads.
+        std::env::set_var("AKIDB_EMBED_SOCKET", "/run/akidb-embed/embed.sock");
+        assert_eq!(
+            Target::parse("").unwrap(),
+            Target::Unix(PathBuf::from("/run/akidb-embed/embed.sock"))
+        );
+        std::env::remove_var("AKIDB_EMBED_SOCKET");
+        let fallback = default_socket_path();
+        let shown = fallback.to_string_lossy().into_owned();
+        assert!(
+            shown.ends_with("/akidb-embed/embed.sock") || shown.starts_with("/tmp/akidb-embed-")
+        );
+        assert_eq!(Target::parse(" ").unwrap(), Target::Unix(fallback));
+        assert_eq!(
+            Target::parse("localhost:50051").unwrap(),
+            Target::Tcp("localhost:50051".into())
+        );
     }
 }

@@ -20,5 +20,5 @@ mod timeout;
 #[cfg(test)]
 mod tests;
 
-pub use channel::{Channel, ChannelOptions, RequestSink, Streaming, Target};
+pub use channel::{default_socket_path, Channel, ChannelOptions, RequestSink, Streaming, Target};
 pub use status::{Code, Status};

@@ -513,7 +513,8 @@ fn parses_targets() {
         Target::parse("[::1]:50051").unwrap(),
         Target::Tcp("[::1]:50051".into())
     );
-    for bad in ["", "unix:", "localhost", "host:notaport", ":50051"] {
+    // "" is the default socket (channel::tests), not an error.
+    for bad in ["unix:", "localhost", "host:notaport", ":50051"] {
         assert_eq!(
             Target::parse(bad).unwrap_err().code(),
             Code::InvalidArgument,

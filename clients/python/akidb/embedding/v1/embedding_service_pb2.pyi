@@ -3,8 +3,9 @@
 isort:skip_file
 The contract between AkiDB (and any other client) and the akidb-embed sidecar.
 
-Vectors travel as packed little-endian float32 bytes (`Embedding.vector`): one
-memcpy to encode and decode, 4 bytes per dimension on the wire.
+Vectors travel in batches: the rows of many texts packed into one little-endian
+float32 buffer (`EmbeddingBatch.vectors`), one copy to encode and one to decode,
+4 bytes per dimension on the wire.
 """
 
 from collections import abc as _abc
@@ -208,35 +209,43 @@ class EmbedRequest(_message.Message):
 Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
 
 @_typing.final
-class Embedding(_message.Message):
+class EmbeddingBatch(_message.Message):
+    """The vectors of several texts in one buffer: row i belongs to the i-th text that has
+    one. Decode with one call, e.g. numpy `frombuffer(vectors, "<f4").reshape(-1, dimensions)`.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    VECTOR_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
-    TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    TOKEN_COUNTS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
-    vector: _builtins.bytes
-    """Packed little-endian float32, `dimensions` values."""
+    vectors: _builtins.bytes
+    """Row-major packed little-endian float32: one row of `dimensions` values per text."""
     dimensions: _builtins.int
-    token_count: _builtins.int
-    """Tokens the model saw for this text (after truncation, special tokens included)."""
-    truncated: _builtins.bool
-    """True if the text was cut to fit the model's maximum token count."""
+    @_builtins.property
+    def token_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per row: tokens the model saw (after truncation, special tokens included)."""
+
+    @_builtins.property
+    def truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per row: true if the text was cut to fit the model's maximum token count."""
+
     def __init__(
         self,
         *,
-        vector: _builtins.bytes = ...,
+        vectors: _builtins.bytes = ...,
         dimensions: _builtins.int = ...,
-        token_count: _builtins.int = ...,
-        truncated: _builtins.bool = ...,
+        token_counts: _abc.Iterable[_builtins.int] | None = ...,
+        truncated: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "token_count", b"token_count", "truncated", b"truncated", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "token_counts", b"token_counts", "truncated", b"truncated", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+Global___EmbeddingBatch: _TypeAlias = EmbeddingBatch  # noqa: Y015
 
 @_typing.final
 class EmbeddingSpace(_message.Message):
@@ -295,20 +304,20 @@ class EmbedResponse(_message.Message):
     """The model name that served the request (the default, if none was given)."""
     total_tokens: _builtins.int
     @_builtins.property
-    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
-        """One per input text, in input order."""
+    def embeddings(self) -> Global___EmbeddingBatch:
+        """One row per input text, in input order."""
 
     @_builtins.property
     def space(self) -> Global___EmbeddingSpace: ...
     def __init__(
         self,
         *,
-        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        embeddings: Global___EmbeddingBatch | None = ...,
         space: Global___EmbeddingSpace | None = ...,
         model: _builtins.str = ...,
         total_tokens: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["space", b"space"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "space", b"space"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "model", b"model", "space", b"space", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -318,33 +327,46 @@ Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
 
 @_typing.final
 class EmbedStreamRequest(_message.Message):
+    """One message of a bulk stream: a group of items, each with a client-chosen id.
+
+    A client sends as many items per message as it has at hand (the clients in clients/
+    coalesce up to a count or a byte budget, and send what they have when their input
+    pauses); one item per message works too. The server answers every request message
+    with exactly one response message holding its items' results in the same order.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
-    TEXT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    """Client-chosen, echoed on the response for this item. Should be unique in the stream."""
-    text: _builtins.str
+    IDS_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model and options are sticky: an item that sets them sets them for itself and
-    every later item of the stream until changed. Empty/unset on the first item
-    means the server's default model and default options.
+    """Model and options are sticky: a message that sets them sets them for its own items
+    and every later message of the stream until changed. Empty/unset on the first
+    message means the server's default model and default options.
     """
     @_builtins.property
     def options(self) -> Global___EmbedOptions: ...
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Client-chosen, echoed on the response. Should be unique in the stream."""
+
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """texts[i] is the text of ids[i]; both lists have the same length."""
+
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
-        text: _builtins.str = ...,
         model: _builtins.str = ...,
         options: Global___EmbedOptions | None = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "model", b"model", "options", b"options", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "model", b"model", "options", b"options", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -356,20 +378,24 @@ class ItemError(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    INDEX_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The item's position in the response's `ids`."""
     code: _builtins.int
     """A gRPC status code number (3 INVALID_ARGUMENT, 5 NOT_FOUND, ...)."""
     message: _builtins.str
     def __init__(
         self,
         *,
+        index: _builtins.int = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "index", b"index", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,36 +403,46 @@ Global___ItemError: _TypeAlias = ItemError  # noqa: Y015
 
 @_typing.final
 class EmbedStreamResponse(_message.Message):
+    """The results of one request message, in its order."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
-    EMBEDDING_FIELD_NUMBER: _builtins.int
-    ERROR_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
     SPACE_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def embedding(self) -> Global___Embedding: ...
-    @_builtins.property
-    def error(self) -> Global___ItemError: ...
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the request message this answers, in its order."""
+
     @_builtins.property
     def space(self) -> Global___EmbeddingSpace:
-        """Set with every embedding."""
+        """The space of this message's vectors. Sent on the first response that has vectors
+        and again whenever it changes (another model or options); left unset when it is the
+        same as the last one sent on this stream, so keep the last one you received.
+        """
+
+    @_builtins.property
+    def embeddings(self) -> Global___EmbeddingBatch:
+        """One row per id that has no error, in the order of `ids`."""
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemError]:
+        """The items that failed, each naming its position in `ids`."""
 
     def __init__(
         self,
         *,
-        id: _builtins.str = ...,
-        embedding: Global___Embedding | None = ...,
-        error: Global___ItemError | None = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
         space: Global___EmbeddingSpace | None = ...,
+        embeddings: Global___EmbeddingBatch | None = ...,
+        errors: _abc.Iterable[Global___ItemError] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "result", b"result", "space", b"space"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "space", b"space"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "id", b"id", "result", b"result", "space", b"space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "errors", b"errors", "ids", b"ids", "space", b"space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embedding", "error"]  # noqa: Y015
-    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbedStreamResponse: _TypeAlias = EmbedStreamResponse  # noqa: Y015
 
@@ -587,13 +623,23 @@ class HealthResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    WORKERS_READY_FIELD_NUMBER: _builtins.int
+    WORKERS_CONFIGURED_FIELD_NUMBER: _builtins.int
     status: Global___ServingStatus.ValueType
     version: _builtins.str
     uptime_seconds: _builtins.float
     backend: _builtins.str
     """Compute backend, e.g. "cpu (openblas)", "gpu (metal)", "gpu (cuda)"."""
+    workers_ready: _builtins.int
+    """Engine worker processes that can compute now, and how many there should be
+    (0 and 0 when the engine runs in the server process).
+    """
+    workers_configured: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelHealth]: ...
+    @_builtins.property
+    def limits(self) -> Global___ServerLimits: ...
     def __init__(
         self,
         *,
@@ -602,11 +648,56 @@ class HealthResponse(_message.Message):
         uptime_seconds: _builtins.float = ...,
         models: _abc.Iterable[Global___ModelHealth] | None = ...,
         backend: _builtins.str = ...,
+        limits: Global___ServerLimits | None = ...,
+        workers_ready: _builtins.int = ...,
+        workers_configured: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "models", b"models", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "limits", b"limits", "models", b"models", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version", "workers_configured", b"workers_configured", "workers_ready", b"workers_ready"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
+
+@_typing.final
+class ServerLimits(_message.Message):
+    """What the server accepts; past these a request gets the status named."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_CHARS_PER_TEXT_FIELD_NUMBER: _builtins.int
+    MAX_CHARS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_TOKENS_FIELD_NUMBER: _builtins.int
+    STREAM_WINDOW_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    max_texts_per_request: _builtins.int
+    """Texts in one Embed request (INVALID_ARGUMENT past it: split, or use EmbedStream)."""
+    max_chars_per_text: _builtins.int
+    """Characters in one text (INVALID_ARGUMENT)."""
+    max_chars_per_request: _builtins.int
+    """Characters of one Embed request, all texts together (RESOURCE_EXHAUSTED)."""
+    max_queued_tokens: _builtins.int
+    """Tokens waiting for compute past which Embed gets RESOURCE_EXHAUSTED."""
+    stream_window: _builtins.int
+    """Items of one stream in flight; past it the server stops reading the stream."""
+    max_message_bytes: _builtins.int
+    """Bytes of one message either way (RESOURCE_EXHAUSTED)."""
+    def __init__(
+        self,
+        *,
+        max_texts_per_request: _builtins.int = ...,
+        max_chars_per_text: _builtins.int = ...,
+        max_chars_per_request: _builtins.int = ...,
+        max_queued_tokens: _builtins.int = ...,
+        stream_window: _builtins.int = ...,
+        max_message_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chars_per_request", b"max_chars_per_request", "max_chars_per_text", b"max_chars_per_text", "max_message_bytes", b"max_message_bytes", "max_queued_tokens", b"max_queued_tokens", "max_texts_per_request", b"max_texts_per_request", "stream_window", b"stream_window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerLimits: _TypeAlias = ServerLimits  # noqa: Y015

@@ -69,8 +69,9 @@ class EmbeddingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EmbedStream(self, request_iterator, context):
-        """Bulk embedding: every request item carries a client-chosen id that comes back
-        with its result. A bad item gets its own error and the stream goes on.
+        """Bulk embedding: messages carry groups of items, each with a client-chosen id that
+        comes back with its result, in order. A bad item gets its own error and the stream
+        goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

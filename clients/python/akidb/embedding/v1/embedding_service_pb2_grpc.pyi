@@ -3,8 +3,9 @@
 isort:skip_file
 The contract between AkiDB (and any other client) and the akidb-embed sidecar.
 
-Vectors travel as packed little-endian float32 bytes (`Embedding.vector`): one
-memcpy to encode and decode, 4 bytes per dimension on the wire.
+Vectors travel in batches: the rows of many texts packed into one little-endian
+float32 buffer (`EmbeddingBatch.vectors`), one copy to encode and one to decode,
+4 bytes per dimension on the wire.
 """
 
 from akidb.embedding.v1 import embedding_service_pb2 as _embedding_service_pb2
@@ -40,8 +41,9 @@ class EmbeddingServiceStub:
     Embed: _grpc.UnaryUnaryMultiCallable[_embedding_service_pb2.EmbedRequest, _embedding_service_pb2.EmbedResponse]
     """Embed a batch of texts with one model. One text is the query path."""
     EmbedStream: _grpc.StreamStreamMultiCallable[_embedding_service_pb2.EmbedStreamRequest, _embedding_service_pb2.EmbedStreamResponse]
-    """Bulk embedding: every request item carries a client-chosen id that comes back
-    with its result. A bad item gets its own error and the stream goes on.
+    """Bulk embedding: messages carry groups of items, each with a client-chosen id that
+    comes back with its result, in order. A bad item gets its own error and the stream
+    goes on.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_embedding_service_pb2.ListModelsRequest, _embedding_service_pb2.ListModelsResponse]
     """Every model the server knows, with its state."""
@@ -56,8 +58,9 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     Embed: _aio.UnaryUnaryMultiCallable[_embedding_service_pb2.EmbedRequest, _embedding_service_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed a batch of texts with one model. One text is the query path."""
     EmbedStream: _aio.StreamStreamMultiCallable[_embedding_service_pb2.EmbedStreamRequest, _embedding_service_pb2.EmbedStreamResponse]  # type: ignore[assignment]
-    """Bulk embedding: every request item carries a client-chosen id that comes back
-    with its result. A bad item gets its own error and the stream goes on.
+    """Bulk embedding: messages carry groups of items, each with a client-chosen id that
+    comes back with its result, in order. A bad item gets its own error and the stream
+    goes on.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_embedding_service_pb2.ListModelsRequest, _embedding_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Every model the server knows, with its state."""
@@ -81,8 +84,9 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_embedding_service_pb2.EmbedStreamRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_embedding_service_pb2.EmbedStreamResponse], _abc.AsyncIterator[_embedding_service_pb2.EmbedStreamResponse]]:
-        """Bulk embedding: every request item carries a client-chosen id that comes back
-        with its result. A bad item gets its own error and the stream goes on.
+        """Bulk embedding: messages carry groups of items, each with a client-chosen id that
+        comes back with its result, in order. A bad item gets its own error and the stream
+        goes on.
         """
 
     @_abc_1.abstractmethod
