@@ -40,7 +40,11 @@ from .service import EmbeddingService, EmbedResult, ModelState
 from .tokenization import Truncation
 
 log = logging.getLogger(__name__)
+# One line per request, as for RPCs: route, status, items, tokens, milliseconds.
+access_log = logging.getLogger("akidb_embed.access")
 T = TypeVar("T")
+# Where a route leaves what it embedded, for the access line.
+ITEMS_KEY, TOKENS_KEY = "akidb_embed.items", "akidb_embed.tokens"
 
 # Domain error kinds -> HTTP status codes. FAILED_PRECONDITION (the model is known but not
 # downloaded, damaged, or gated) is 400, as in google.rpc.Code's HTTP mapping: the request
@@ -482,8 +486,25 @@ class HttpFrontEnd:
             seconds = time.perf_counter() - started
             self.metrics.http_requests.labels(scope["method"], route, code).inc()
             self.metrics.http_seconds.labels(scope["method"], route).observe(seconds)
-            log.debug(
-                "HTTP %s %s %s in %.1f ms", scope["method"], scope["path"], code, seconds * 1000
+            ms = round(seconds * 1000, 1)
+            method = f"{scope['method']} {scope['path']}"
+            items, tokens = scope.get(ITEMS_KEY, 0), scope.get(TOKENS_KEY, 0)
+            access_log.log(
+                logging.DEBUG if route == "/health" else logging.INFO,  # probes: quiet
+                "HTTP %s %s items=%d tokens=%d %.1f ms",
+                method,
+                code,
+                items,
+                tokens,
+                ms,
+                extra={
+                    "request_id": request_id,
+                    "method": method,
+                    "status": code,
+                    "items": items,
+                    "tokens": tokens,
+                    "ms": ms,
+                },
             )
 
         async def sending(message: Message) -> None:
@@ -598,6 +619,8 @@ class HttpFrontEnd:
             assert parsed.texts is not None
             work = self.service.embed(parsed.model, parsed.texts, parsed.options)
         result = await until_disconnected(request.receive, work)
+        request.scope[ITEMS_KEY] = len(result.token_counts)
+        request.scope[TOKENS_KEY] = result.total_tokens
         size = result.vectors.size
         if not parsed.base64 and size > ENCODE_IN_THREAD_VALUES:
             content = await asyncio.to_thread(

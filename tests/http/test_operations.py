@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -376,3 +377,27 @@ def test_a_server_bug_is_500_with_the_request_id(
     assert body["error"]["code"] == "internal" and body["error"]["type"] == "server_error"
     assert "request id bug-report-1" in body["error"]["message"]
     wait_for(lambda: "a bug in statuses" in caplog.text, what="the traceback in the log")
+
+
+def test_one_access_line_per_request(
+    http_server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="akidb_embed.access")
+    body = {"input": ["a first text", "a second"], "model": MODEL}
+    status, _, answer = http(
+        http_server, "POST", "/v1/embeddings", body, headers={"x-request-id": "access-1"}
+    )
+    assert status == 200
+    http(http_server, "GET", "/health", headers={"x-request-id": "probe-1"})
+
+    def line(request_id: str) -> logging.LogRecord:
+        found = [r for r in caplog.records if getattr(r, "request_id", "") == request_id]
+        assert len(found) == 1, [r.getMessage() for r in caplog.records]
+        return found[0]
+
+    wait_for(lambda: any(getattr(r, "request_id", "") == "probe-1" for r in caplog.records))
+    embed = line("access-1")
+    assert embed.levelno == logging.INFO
+    assert (embed.method, embed.status, embed.items) == ("POST /v1/embeddings", "200", 2)  # type: ignore[attr-defined]
+    assert embed.tokens == answer["usage"]["total_tokens"]  # type: ignore[attr-defined]
+    assert line("probe-1").levelno == logging.DEBUG
