@@ -191,7 +191,7 @@ class EmbeddingService:
                 f"loading {entry.name!r} would exceed the model budget "
                 f"(max {budget.max_models or 'any'} models, "
                 f"{budget.max_bytes or 'any'} bytes) and every loaded model is busy or "
-                "preloaded; retry later, or raise --max-loaded-models / --max-loaded-bytes"
+                "preloaded; retry later, or raise --max-loaded-models / --max-loaded-mb"
             )
         for name in victims:
             await self.unload(name)
