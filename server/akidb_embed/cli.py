@@ -19,6 +19,7 @@ import grpc
 
 from . import __version__
 from .blas import ensure_fast_blas, mlx_uses_gpu
+from .http_api import ApiKeyError, load_api_keys
 from .logs import configure_logging
 from .model_cache import human_size
 from .pulls import PullLimits
@@ -124,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--metrics-host", default="127.0.0.1", help="metrics bind address (default loopback)"
+    )
+    http = serve.add_argument_group("OpenAI-compatible HTTP API (docs/http.md)")
+    http.add_argument(
+        "--http-port",
+        type=int,
+        help="serve /v1/embeddings, /v1/models, /info and /health on this TCP port "
+        "(0 picks a free port; default: off)",
+    )
+    http.add_argument(
+        "--http-host", default="127.0.0.1", help="HTTP bind address (default loopback)"
+    )
+    http.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="require 'Authorization: Bearer KEY' on HTTP with a key from this file "
+        "(one a line; /health stays open)",
     )
     limits = serve.add_argument_group("batching and limits")
     limits.add_argument(
@@ -337,6 +354,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     on_gpu = mlx_uses_gpu()
     if args.no_socket and args.port is None:
         return fail("--no-socket needs --port")
+    api_keys: tuple[str, ...] = ()
+    if args.api_key_file is not None:
+        if args.http_port is None:
+            return fail("--api-key-file needs --http-port (the keys guard the HTTP API)")
+        try:
+            api_keys = load_api_keys(args.api_key_file)
+        except ApiKeyError as error:
+            return fail(str(error))
     names: list[str] = []
     local_dirs: list[Path] = []
     for model in args.models or [DEFAULT_MODEL]:
@@ -366,6 +391,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        http_api_keys=api_keys,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         stream_window=args.stream_window,
         bulk_batch_seconds=args.bulk_batch_ms / 1000,

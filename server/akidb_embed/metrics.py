@@ -17,6 +17,7 @@ from typing import Protocol
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     ProcessCollector,
@@ -34,6 +35,7 @@ LOAD_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
 RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+HTTP_LABELS = ("method", "route")
 
 
 class LoadedModel(Protocol):
@@ -184,6 +186,25 @@ class Metrics:
             "EmbedStream items answered, by outcome: OK or the item error's status code.",
             ["code"],
             registry=r,
+        )
+
+        # The OpenAI-compatible HTTP front end (http_api.py); `route` is the route's path,
+        # or "unmatched", so a scan of random paths cannot grow the label set.
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests answered, by route and status code (refused and failed included).",
+            (*HTTP_LABELS, "status"),
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "http_request_duration_seconds",
+            "Time from an HTTP request's arrival to the end of its response.",
+            HTTP_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_in_flight = Gauge(
+            "http_requests_in_flight", "HTTP requests being answered now.", registry=r
         )
 
         self.texts = Counter("akidb_embed_texts", "Texts embedded.", ["model"], registry=r)

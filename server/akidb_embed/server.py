@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,7 @@ from . import sdnotify
 from .backend import describe_backend
 from .batching import ComputeWorker
 from .errors import EmbedError
+from .http_api import HttpEndpoint, HttpFrontEnd, HttpSettings
 from .interceptor import ObservingInterceptor
 from .metrics import Metrics, MetricsEndpoint
 from .pulls import PullLimits
@@ -70,6 +71,11 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     # Engine worker processes (workers.py); 0 runs the models in this process.
     workers: int = 0
+    # The OpenAI-compatible HTTP API (http_api.py) when set (0 picks a free port).
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    # Bearer tokens the HTTP API accepts; empty: no authentication.
+    http_api_keys: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -111,6 +117,7 @@ class EmbeddingServer:
         )
         self.metrics.watch(self.service)
         self.metrics_endpoint: MetricsEndpoint | None = None
+        self.http: HttpEndpoint | None = None
         self.health = health.aio.HealthServicer()
         self.service.on_model_change = self._model_changed
         self.server = grpc.aio.server(
@@ -149,6 +156,8 @@ class EmbeddingServer:
         self.worker.start()
         await self.server.start()
         log.info("listening on %s", ", ".join(self.addresses))
+        if self.config.http_port is not None:
+            await self._start_http(backend)
         if self.config.metrics_port is not None:
             self.metrics_endpoint = MetricsEndpoint(
                 self.metrics.registry, self.config.metrics_host, self.config.metrics_port
@@ -169,6 +178,33 @@ class EmbeddingServer:
             describe_backend(),
             f"{self.pool.processes} engine worker processes" if self.pool else "in-process engine",
         )
+
+    def limits(self) -> dict[str, int | float]:
+        """The limits a client can run into, as GET /info reports them."""
+        config = self.config
+        return {
+            **asdict(config.limits),
+            "max_batch_tokens": config.max_batch_tokens,
+            "max_batch_size": config.max_batch_size,
+            "max_request_bytes": config.max_message_bytes,
+            "stream_window": config.stream_window,
+            "max_loaded_models": config.budget.max_models,
+            "max_loaded_bytes": config.budget.max_bytes,
+            "keep_alive_seconds": config.budget.keep_alive_seconds,
+            "workers": config.workers,
+        }
+
+    async def _start_http(self, backend: str) -> None:
+        settings = HttpSettings(
+            host=self.config.http_host,
+            port=self.config.http_port or 0,
+            api_keys=self.config.http_api_keys,
+            max_request_bytes=self.config.max_message_bytes,
+            backend=backend,
+            limits=self.limits(),
+        )
+        self.http = HttpEndpoint(HttpFrontEnd(self.service, self.metrics, settings))
+        await self.http.start()
 
     def _capacity_changed(self) -> None:
         """(a pool thread) Engine workers died or came back: health follows."""
@@ -226,7 +262,12 @@ class EmbeddingServer:
         self.service.accepting = False
         if self._reaper is not None:
             self._reaper.cancel()
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        grace = self.config.grace_seconds if grace is None else grace
+        # gRPC and HTTP drain together: new calls are refused, in-flight ones finish.
+        await asyncio.gather(
+            self.server.stop(grace),
+            self.http.stop(grace) if self.http is not None else asyncio.sleep(0),
+        )
         await asyncio.to_thread(self.worker.stop)
         if self.pool is not None:
             await asyncio.to_thread(self.pool.close)

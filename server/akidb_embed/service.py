@@ -19,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from .batching import ComputeWorker, GroupOutput
-from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, finish_batch
+from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, PromptKind, finish_batch
 from .errors import (
     EmbedError,
     InvalidArgument,
@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .pulls import ModelFetcher, PullLimits
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
-from .tokenization import TokenBatch
+from .tokenization import TokenBatch, Truncation, pack
 from .workers import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -359,6 +359,57 @@ class EmbeddingService:
             truncated=tokens.truncated.tolist(),
         )
 
+    async def embed_token_ids(
+        self, model: str, ids: Sequence[Sequence[int]], options: EmbedOptions
+    ) -> EmbedResult:
+        """Embed inputs already tokenised with the model's own tokenizer (special tokens
+        included), as they are: no prompt is added. Lists longer than the model's limit are
+        cut by `options.truncation` like texts are."""
+        self._check_accepting()
+        if not ids:
+            raise InvalidArgument("the token id lists are empty: send at least one list")
+        if len(ids) > self.limits.max_texts_per_request:
+            raise InvalidArgument(
+                f"{len(ids)} token id lists in one request; the limit is "
+                f"{self.limits.max_texts_per_request}: split the batch"
+            )
+        if options.prompt_kind is not PromptKind.NONE:
+            raise InvalidArgument(
+                "prompts apply to texts; token ids are embedded as they are: "
+                "put the prompt's tokens in the ids, or send text"
+            )
+        engine = await self.engine(model)
+        # Each id stands for at least one character: the text budget bounds id input too.
+        async with self._holding_text(sum(map(len, ids)), wait=False):
+            with self.residents.use(engine.name):
+                tokens = check_token_ids(
+                    ids,
+                    engine.name,
+                    engine.tokenizer.vocab_size,
+                    engine.tokenizer.max_tokens,
+                    options.truncation,
+                )
+                space = engine.space(options)
+                if self.worker.queued_tokens > self.limits.max_queued_tokens:
+                    raise Overloaded(
+                        f"the server has {self.worker.queued_tokens} tokens queued (limit "
+                        f"{self.limits.max_queued_tokens}); retry with backoff"
+                    )
+                interactive = len(ids) <= self.limits.interactive_max_texts
+                output = await self._compute(engine, tokens, interactive)
+        if output.errors:
+            raise as_embed_error(output.errors[min(output.errors)])
+        vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
+        if not self._check_finite(engine, vectors).all():
+            raise ModelNotAvailable(self._refused[engine.name])
+        return EmbedResult(
+            model=engine.name,
+            space=space,
+            vectors=vectors,
+            token_counts=tokens.lengths.tolist(),
+            truncated=tokens.truncated.tolist(),
+        )
+
     async def embed_group(
         self, model: str, texts: Sequence[str], options: EmbedOptions | EmbedError
     ) -> GroupResult:
@@ -472,6 +523,42 @@ def check_text(text: str, index: int | None, max_chars: int) -> None:
         raise InvalidArgument(
             f"{where} has {len(text)} characters; the limit is {max_chars}: split it"
         )
+
+
+def check_token_ids(
+    ids: Sequence[Sequence[int]],
+    model: str,
+    vocab_size: int,
+    max_tokens: int,
+    truncation: Truncation,
+) -> TokenBatch:
+    """Validate token id lists for `model` and cut the long ones by `truncation`."""
+    rows: list[Sequence[int]] = []
+    truncated: list[bool] = []
+    for index, row in enumerate(ids):
+        if not row:
+            raise InvalidArgument(f"token id list {index} is empty: send at least one token id")
+        for position, token in enumerate(row):
+            if not 0 <= token < vocab_size:
+                raise InvalidArgument(
+                    f"token id list {index} has {token} at position {position}, which is not "
+                    f"a token of model {model!r} (ids run from 0 to {vocab_size - 1}): "
+                    "tokenise with the model's own tokenizer"
+                )
+        if len(row) > max_tokens and truncation is Truncation.ERROR:
+            raise InvalidArgument(
+                f"token id list {index} has {len(row)} tokens but model {model!r} accepts at "
+                f"most {max_tokens}: shorten it, or set truncation to END or START"
+            )
+        truncated.append(len(row) > max_tokens)
+        if len(row) <= max_tokens:
+            rows.append(row)
+        elif truncation is Truncation.START:
+            rows.append(row[-max_tokens:])
+        else:
+            rows.append(row[:max_tokens])
+    packed = pack(rows)
+    return TokenBatch(packed.ids, packed.offsets, np.array(truncated, dtype=bool), {})
 
 
 def as_embed_error(error: BaseException) -> EmbedError:

@@ -109,6 +109,11 @@ class TextTokenizer:
         copy.enable_truncation(self.max_tokens, direction=direction)
         return copy
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (added tokens included)."""
+        return int(self._unbounded.get_vocab_size(with_added_tokens=True))
+
     def token_id(self, token: str) -> int | None:
         return self._unbounded.token_to_id(token)
 
