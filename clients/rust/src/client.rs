@@ -1,12 +1,13 @@
 //! The client the database uses: typed calls over the gRPC layer, vectors
 //! decoded to `Vec<f32>`, and a bulk stream with bounded in-flight items.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::Stream;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -14,7 +15,9 @@ use crate::grpc::{Channel, ChannelOptions, Code, Status, Target};
 use crate::pb::{self, embedding_service as paths};
 
 pub use crate::pb::embed_options::PromptChoice;
-pub use crate::pb::{EmbedOptions, EmbeddingSpace, HealthResponse, ModelInfo, ServingStatus};
+pub use crate::pb::{
+    EmbedOptions, EmbeddingSpace, HealthResponse, ModelInfo, ServerLimits, ServingStatus,
+};
 
 /// One text's vector.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,7 +80,12 @@ pub type ResultStream = Pin<Box<dyn Stream<Item = Result<StreamResult, Status>> 
 
 /// Items of one stream sent but not yet answered, by default. The server reads
 /// ahead a bounded window too; past both, HTTP/2 flow control pushes back.
-pub const DEFAULT_STREAM_IN_FLIGHT: usize = 512;
+pub const DEFAULT_STREAM_IN_FLIGHT: usize = 2048;
+
+/// Items one stream message carries at most.
+pub const MAX_ITEMS_PER_MESSAGE: usize = 256;
+/// Bytes of text one stream message carries at most (a single larger text goes alone).
+pub const MAX_TEXT_BYTES_PER_MESSAGE: usize = 1 << 20;
 
 /// An async client for akidb-embed. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -151,22 +159,8 @@ impl Client {
             .channel
             .unary(paths::EMBED, &request, self.timeout)
             .await?;
-        if response.embeddings.len() != sent {
-            return Err(Status::new(
-                Code::Internal,
-                format!(
-                    "server returned {} embeddings for {} texts",
-                    response.embeddings.len(),
-                    sent
-                ),
-            ));
-        }
         Ok(Embeddings {
-            embeddings: response
-                .embeddings
-                .into_iter()
-                .map(decode_embedding)
-                .collect::<Result<_, _>>()?,
+            embeddings: decode_batch(response.embeddings.unwrap_or_default(), sent)?,
             space: response.space.unwrap_or_default(),
             model: response.model,
             total_tokens: response.total_tokens,
@@ -174,9 +168,12 @@ impl Client {
     }
 
     /// Bulk embedding: sends `items` while results come back, each with its
-    /// item's id, in the order the server answers (the akidb-embed server keeps
-    /// input order). At most `with_stream_in_flight` items are unanswered.
-    /// Dropping the returned stream cancels the call.
+    /// item's id, in input order. Items go out coalesced into messages: whatever
+    /// the input stream has ready is sent together (up to
+    /// `MAX_ITEMS_PER_MESSAGE` items or `MAX_TEXT_BYTES_PER_MESSAGE` bytes of
+    /// text), and a message leaves as soon as the input pauses. At most
+    /// `with_stream_in_flight` items are unanswered. Dropping the returned stream
+    /// cancels the call.
     pub async fn embed_stream<S>(&self, items: S) -> Result<ResultStream, Status>
     where
         S: Stream<Item = StreamItem> + Send + 'static,
@@ -191,18 +188,10 @@ impl Client {
         let in_flight = Arc::new(Semaphore::new(self.stream_in_flight));
         let permits = in_flight.clone();
         let sender = tokio::spawn(async move {
-            futures_util::pin_mut!(items);
-            while let Some(item) = items.next().await {
-                match permits.acquire().await {
-                    Ok(permit) => permit.forget(), // given back when the answer arrives
-                    Err(_) => return,
-                }
-                let request = pb::EmbedStreamRequest {
-                    id: item.id,
-                    text: item.text,
-                    model: item.model.unwrap_or_default(),
-                    options: item.options,
-                };
+            let mut batcher = Batcher::new(items);
+            let mut sticky = Sticky::default();
+            while let Some(batch) = batcher.next(&permits).await {
+                let request = sticky.request(&batch);
                 // A failed send ends the call; the receiving side reports its status.
                 if sink.send(&request).await.is_err() {
                     return;
@@ -213,17 +202,27 @@ impl Client {
         let state = Receiving {
             responses,
             in_flight,
+            ready: VecDeque::new(),
+            space: None,
             _sender: AbortOnDrop(sender),
         };
         let results = futures_util::stream::unfold(Some(state), |state| async move {
             let mut state = state?;
-            match state.responses.message().await {
-                Ok(Some(response)) => {
-                    state.in_flight.add_permits(1);
-                    Some((Ok(decode_stream_response(response)), Some(state)))
+            loop {
+                if let Some(result) = state.ready.pop_front() {
+                    return Some((Ok(result), Some(state)));
                 }
-                Ok(None) => None,
-                Err(status) => Some((Err(status), None)),
+                match state.responses.message().await {
+                    Ok(Some(response)) => {
+                        state.in_flight.add_permits(response.ids.len());
+                        match decode_stream_response(response, &mut state.space) {
+                            Ok(results) => state.ready.extend(results),
+                            Err(status) => return Some((Err(status), None)),
+                        }
+                    }
+                    Ok(None) => return None,
+                    Err(status) => return Some((Err(status), None)),
+                }
             }
         });
         Ok(Box::pin(results))
@@ -275,6 +274,10 @@ impl Client {
 struct Receiving {
     responses: crate::grpc::Streaming<pb::EmbedStreamResponse>,
     in_flight: Arc<Semaphore>,
+    /// Results of the last response not yet handed out.
+    ready: VecDeque<StreamResult>,
+    /// The space of the last response that carried one.
+    space: Option<EmbeddingSpace>,
     _sender: AbortOnDrop,
 }
 
@@ -287,45 +290,224 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Packed little-endian f32 bytes to a vector, checked against `dimensions`.
-fn decode_embedding(e: pb::Embedding) -> Result<Embedding, Status> {
-    if e.vector.len() != e.dimensions as usize * 4 {
-        return Err(Status::new(
-            Code::Internal,
-            format!(
-                "embedding has {} bytes for {} dimensions (expected 4 bytes each)",
-                e.vector.len(),
-                e.dimensions
-            ),
-        ));
-    }
-    let vector = e
-        .vector
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok(Embedding {
-        vector,
-        token_count: e.token_count,
-        truncated: e.truncated,
-    })
+/// The items of one stream message, with the model and options in effect for them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Batch {
+    pub(crate) ids: Vec<String>,
+    pub(crate) texts: Vec<String>,
+    pub(crate) model: String,
+    pub(crate) options: Option<EmbedOptions>,
 }
 
-fn decode_stream_response(response: pb::EmbedStreamResponse) -> StreamResult {
-    use pb::embed_stream_response::Result as Outcome;
-    let embedding = match response.result {
-        Some(Outcome::Embedding(e)) => decode_embedding(e),
-        Some(Outcome::Error(e)) => Err(Status::new(Code::from_u32(e.code), e.message)),
-        None => Err(Status::new(
-            Code::Internal,
-            "stream response without an embedding or an error",
-        )),
-    };
-    StreamResult {
-        id: response.id,
-        embedding,
-        space: response.space,
+/// Cuts the caller's items into messages: whatever the input has ready now, up
+/// to a count or a byte budget; an item that changes the model or the options
+/// starts a new message.
+pub(crate) struct Batcher<S> {
+    items: Pin<Box<S>>,
+    /// Taken from the input but not yet in a message.
+    carry: Option<StreamItem>,
+    ended: bool,
+    model: String,
+    options: Option<EmbedOptions>,
+}
+
+impl<S: Stream<Item = StreamItem>> Batcher<S> {
+    pub(crate) fn new(items: S) -> Batcher<S> {
+        Batcher {
+            items: Box::pin(items),
+            carry: None,
+            ended: false,
+            model: String::new(),
+            options: None,
+        }
     }
+
+    /// The next message, or `None` once the input has ended. Waits for the
+    /// first item and a permit for it; takes further items only while they are
+    /// ready and permits are free, so the message leaves as soon as the input
+    /// pauses. Each item taken holds one permit (forgotten: the caller gives
+    /// them back when the answers arrive).
+    pub(crate) async fn next(&mut self, permits: &Semaphore) -> Option<Batch> {
+        let first = match self.carry.take() {
+            Some(item) => item,
+            None if self.ended => return None,
+            None => match self.items.next().await {
+                Some(item) => item,
+                None => {
+                    self.ended = true;
+                    return None;
+                }
+            },
+        };
+        match permits.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return None,
+        }
+        self.adopt(&first);
+        let mut batch = Batch {
+            ids: vec![first.id],
+            texts: vec![first.text],
+            model: self.model.clone(),
+            options: self.options.clone(),
+        };
+        let mut bytes = batch.texts[0].len();
+        while batch.ids.len() < MAX_ITEMS_PER_MESSAGE && !self.ended {
+            // Unconstrained: tokio's cooperative budget would make a ready
+            // channel look empty after ~128 items and cut messages short.
+            let item = match tokio::task::unconstrained(self.items.next()).now_or_never() {
+                Some(Some(item)) => item,
+                Some(None) => {
+                    self.ended = true;
+                    break;
+                }
+                None => break, // the input paused: send what there is
+            };
+            let fits = bytes + item.text.len() <= MAX_TEXT_BYTES_PER_MESSAGE;
+            if !fits || item.model.is_some() || item.options.is_some() {
+                self.carry = Some(item);
+                break;
+            }
+            match permits.try_acquire() {
+                Ok(permit) => permit.forget(),
+                Err(_) => {
+                    self.carry = Some(item);
+                    break;
+                }
+            }
+            bytes += item.text.len();
+            batch.ids.push(item.id);
+            batch.texts.push(item.text);
+        }
+        Some(batch)
+    }
+
+    fn adopt(&mut self, item: &StreamItem) {
+        if let Some(model) = &item.model {
+            self.model = model.clone();
+        }
+        if let Some(options) = &item.options {
+            self.options = Some(options.clone());
+        }
+    }
+}
+
+/// What one stream has told the server so far: model and options are sticky,
+/// so a message sets them only when they change.
+#[derive(Default)]
+pub(crate) struct Sticky {
+    sent: bool,
+    model: String,
+    options: Option<EmbedOptions>,
+}
+
+impl Sticky {
+    pub(crate) fn request(&mut self, batch: &Batch) -> pb::EmbedStreamRequest {
+        let mut request = pb::EmbedStreamRequest {
+            ids: batch.ids.clone(),
+            texts: batch.texts.clone(),
+            ..Default::default()
+        };
+        if !self.sent || batch.model != self.model {
+            request.model = batch.model.clone();
+            self.model = batch.model.clone();
+        }
+        if !self.sent || batch.options != self.options {
+            request.options = batch.options.clone();
+            self.options = batch.options.clone();
+        }
+        self.sent = true;
+        request
+    }
+}
+
+/// The rows of a packed batch (little-endian f32, row-major), checked against
+/// the number of rows expected.
+pub(crate) fn decode_batch(
+    batch: pb::EmbeddingBatch,
+    rows: usize,
+) -> Result<Vec<Embedding>, Status> {
+    let dims = batch.dimensions as usize;
+    let malformed = |what: String| {
+        Status::new(
+            Code::Internal,
+            format!("malformed embedding batch: {}", what),
+        )
+    };
+    if batch.vectors.len() != rows * dims * 4 {
+        return Err(malformed(format!(
+            "{} bytes for {} rows of {} dimensions (expected 4 bytes each)",
+            batch.vectors.len(),
+            rows,
+            dims
+        )));
+    }
+    if batch.token_counts.len() != rows || batch.truncated.len() != rows {
+        return Err(malformed(format!(
+            "{} token counts and {} truncated flags for {} rows",
+            batch.token_counts.len(),
+            batch.truncated.len(),
+            rows
+        )));
+    }
+    let row_bytes = dims * 4;
+    let mut out = Vec::with_capacity(rows);
+    for i in 0..rows {
+        let bytes = &batch.vectors[i * row_bytes..(i + 1) * row_bytes];
+        let vector = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.push(Embedding {
+            vector,
+            token_count: batch.token_counts[i],
+            truncated: batch.truncated[i],
+        });
+    }
+    Ok(out)
+}
+
+/// One response message to its items' results, in order; `space` is the last
+/// space received on the stream and is updated when the response carries one.
+pub(crate) fn decode_stream_response(
+    response: pb::EmbedStreamResponse,
+    space: &mut Option<EmbeddingSpace>,
+) -> Result<Vec<StreamResult>, Status> {
+    if response.space.is_some() {
+        *space = response.space;
+    }
+    let n = response.ids.len();
+    let mut errors: Vec<Option<Status>> = vec![None; n];
+    for e in response.errors {
+        let index = e.index as usize;
+        if index >= n || errors[index].is_some() {
+            return Err(Status::new(
+                Code::Internal,
+                format!(
+                    "stream response names item {} in error, but has {} ids",
+                    e.index, n
+                ),
+            ));
+        }
+        errors[index] = Some(Status::new(Code::from_u32(e.code), e.message));
+    }
+    let failed = errors.iter().filter(|e| e.is_some()).count();
+    let mut rows = decode_batch(response.embeddings.unwrap_or_default(), n - failed)?.into_iter();
+    let mut out = Vec::with_capacity(n);
+    for (id, error) in response.ids.into_iter().zip(errors) {
+        let (embedding, item_space) = match error {
+            Some(status) => (Err(status), None),
+            None => match rows.next() {
+                Some(e) => (Ok(e), space.clone()),
+                None => unreachable!("decode_batch checked the row count"),
+            },
+        };
+        out.push(StreamResult {
+            id,
+            embedding,
+            space: item_space,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -333,47 +515,182 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    #[test]
-    fn decodes_packed_little_endian_f32() {
-        let values = [1.0f32, -0.5, 3.25e-7, f32::MAX];
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let e = decode_embedding(pb::Embedding {
-            vector: Bytes::from(bytes),
-            dimensions: 4,
-            token_count: 7,
-            truncated: true,
-        })
-        .unwrap();
-        assert_eq!(e.vector, values.to_vec());
-        assert_eq!((e.token_count, e.truncated), (7, true));
+    fn packed(rows: &[&[f32]]) -> pb::EmbeddingBatch {
+        let dims = rows.first().map_or(0, |r| r.len());
+        pb::EmbeddingBatch {
+            vectors: Bytes::from(
+                rows.iter()
+                    .flat_map(|r| r.iter().flat_map(|v| v.to_le_bytes()))
+                    .collect::<Vec<u8>>(),
+            ),
+            dimensions: dims as u32,
+            token_counts: (0..rows.len() as u32).map(|i| i + 3).collect(),
+            truncated: (0..rows.len()).map(|i| i == 1).collect(),
+        }
     }
 
     #[test]
-    fn rejects_a_vector_whose_length_disagrees_with_dimensions() {
-        let err = decode_embedding(pb::Embedding {
-            vector: Bytes::from_static(&[0; 12]),
-            dimensions: 4,
-            ..Default::default()
-        })
-        .unwrap_err();
+    fn decodes_a_packed_little_endian_f32_batch_row_by_row() {
+        let rows: [&[f32]; 2] = [&[1.0, -0.5, 3.25e-7], &[f32::MAX, 0.0, -1.0]];
+        let out = decode_batch(packed(&rows), 2).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].vector, rows[0].to_vec());
+        assert_eq!(out[1].vector, rows[1].to_vec());
+        assert_eq!((out[0].token_count, out[0].truncated), (3, false));
+        assert_eq!((out[1].token_count, out[1].truncated), (4, true));
+    }
+
+    #[test]
+    fn rejects_a_batch_whose_size_disagrees_with_its_rows() {
+        let rows: [&[f32]; 2] = [&[1.0, 2.0], &[3.0, 4.0]];
+        // One row expected, two sent.
+        let err = decode_batch(packed(&rows), 1).unwrap_err();
         assert_eq!(err.code(), Code::Internal);
+        let mut short = packed(&rows);
+        short.vectors = short.vectors.slice(..12);
+        assert_eq!(decode_batch(short, 2).unwrap_err().code(), Code::Internal);
+        let mut counts = packed(&rows);
+        counts.token_counts.pop();
+        assert_eq!(decode_batch(counts, 2).unwrap_err().code(), Code::Internal);
     }
 
     #[test]
-    fn item_error_becomes_a_status() {
-        let r = decode_stream_response(pb::EmbedStreamResponse {
-            id: "x".into(),
-            result: Some(pb::embed_stream_response::Result::Error(pb::ItemError {
-                code: 3,
-                message: "text is empty".into(),
-            })),
-            space: None,
-        });
-        assert_eq!(r.id, "x");
-        let err = r.embedding.unwrap_err();
+    fn a_stream_response_interleaves_rows_and_item_errors_and_keeps_the_space() {
+        let rows: [&[f32]; 2] = [&[1.0, 0.0], &[0.0, 1.0]];
+        let space = EmbeddingSpace {
+            fingerprint: "fp".into(),
+            ..Default::default()
+        };
+        let mut last = None;
+        let out = decode_stream_response(
+            pb::EmbedStreamResponse {
+                ids: vec!["a".into(), "b".into(), "c".into()],
+                space: Some(space.clone()),
+                embeddings: Some(packed(&rows)),
+                errors: vec![pb::ItemError {
+                    index: 1,
+                    code: 3,
+                    message: "text is empty".into(),
+                }],
+            },
+            &mut last,
+        )
+        .unwrap();
+        let ids: Vec<&str> = out.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(out[0].embedding.as_ref().unwrap().vector, vec![1.0, 0.0]);
+        let err = out[1].embedding.as_ref().unwrap_err();
         assert_eq!(
             (err.code(), err.message()),
             (Code::InvalidArgument, "text is empty")
         );
+        assert_eq!(out[2].embedding.as_ref().unwrap().vector, vec![0.0, 1.0]);
+        assert_eq!(out[2].space.as_ref(), Some(&space));
+        assert!(out[1].space.is_none());
+
+        // A later response without a space keeps the last one.
+        let rows: [&[f32]; 1] = [&[0.5, 0.5]];
+        let out = decode_stream_response(
+            pb::EmbedStreamResponse {
+                ids: vec!["d".into()],
+                embeddings: Some(packed(&rows)),
+                ..Default::default()
+            },
+            &mut last,
+        )
+        .unwrap();
+        assert_eq!(out[0].space.as_ref(), Some(&space));
+    }
+
+    #[test]
+    fn an_error_index_out_of_range_is_internal() {
+        let err = decode_stream_response(
+            pb::EmbedStreamResponse {
+                ids: vec!["a".into()],
+                errors: vec![pb::ItemError {
+                    index: 1,
+                    code: 3,
+                    message: String::new(),
+                }],
+                ..Default::default()
+            },
+            &mut None,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+    }
+
+    fn item(i: usize) -> StreamItem {
+        StreamItem::new(format!("{}", i), format!("text {}", i))
+    }
+
+    #[tokio::test]
+    async fn the_batcher_takes_what_is_ready_and_sends_when_the_input_pauses() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let items = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let permits = Semaphore::new(10_000);
+        let mut batcher = Batcher::new(items);
+        for i in 0..3 {
+            tx.send(item(i)).unwrap();
+        }
+        let batch = batcher.next(&permits).await.unwrap();
+        assert_eq!(batch.ids, ["0", "1", "2"]); // everything ready, nothing more awaited
+        for i in 3..600 {
+            tx.send(item(i)).unwrap();
+        }
+        let sizes: Vec<usize> = vec![
+            batcher.next(&permits).await.unwrap().ids.len(),
+            batcher.next(&permits).await.unwrap().ids.len(),
+            batcher.next(&permits).await.unwrap().ids.len(),
+        ];
+        assert_eq!(
+            sizes,
+            [MAX_ITEMS_PER_MESSAGE, MAX_ITEMS_PER_MESSAGE, 597 - 512]
+        );
+        drop(tx);
+        assert!(batcher.next(&permits).await.is_none());
+        assert_eq!(permits.available_permits(), 10_000 - 600);
+    }
+
+    #[tokio::test]
+    async fn the_batcher_keeps_to_the_byte_budget_and_the_permits() {
+        let big = "x".repeat(MAX_TEXT_BYTES_PER_MESSAGE / 2 + 1);
+        let items = futures_util::stream::iter(
+            (0..3).map(move |i| StreamItem::new(i.to_string(), big.clone())),
+        );
+        let permits = Semaphore::new(100);
+        let mut batcher = Batcher::new(items);
+        for _ in 0..3 {
+            assert_eq!(batcher.next(&permits).await.unwrap().ids.len(), 1);
+        }
+        assert!(batcher.next(&permits).await.is_none());
+
+        let permits = Semaphore::new(5);
+        let mut batcher = Batcher::new(futures_util::stream::iter((0..8).map(item)));
+        assert_eq!(batcher.next(&permits).await.unwrap().ids.len(), 5);
+        permits.add_permits(3);
+        assert_eq!(batcher.next(&permits).await.unwrap().ids, ["5", "6", "7"]);
+    }
+
+    #[tokio::test]
+    async fn a_model_or_options_change_starts_a_message_and_is_sent_once() {
+        let mut other = item(2);
+        other.model = Some("other".into());
+        let items = futures_util::stream::iter(vec![item(0), item(1), other, item(3)]);
+        let permits = Semaphore::new(100);
+        let mut batcher = Batcher::new(items);
+        let mut sticky = Sticky::default();
+        let first = sticky.request(&batcher.next(&permits).await.unwrap());
+        assert_eq!(first.ids, ["0", "1"]);
+        let second_batch = batcher.next(&permits).await.unwrap();
+        assert_eq!(second_batch.model, "other");
+        let second = sticky.request(&second_batch);
+        assert_eq!((second.ids.len(), second.model.as_str()), (2, "other"));
+        assert!(batcher.next(&permits).await.is_none());
+        // The same model again is not repeated.
+        let again = sticky.request(&second_batch);
+        assert_eq!(again.model, "");
     }
 }

@@ -20,7 +20,8 @@ pub mod pb {
 
 pub use client::{
     Client, EmbedOptions, Embedding, EmbeddingSpace, Embeddings, HealthResponse, ModelInfo,
-    PromptChoice, ResultStream, ServingStatus, StreamItem, StreamResult, DEFAULT_STREAM_IN_FLIGHT,
+    PromptChoice, ResultStream, ServerLimits, ServingStatus, StreamItem, StreamResult,
+    DEFAULT_STREAM_IN_FLIGHT, MAX_ITEMS_PER_MESSAGE, MAX_TEXT_BYTES_PER_MESSAGE,
 };
 pub use futures_core::Stream;
 pub use grpc::{ChannelOptions, Code, Status};
