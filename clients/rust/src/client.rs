@@ -1,7 +1,6 @@
 //! The client the database uses: typed calls over the gRPC layer, vectors
 //! decoded to `Vec<f32>`, and a bulk stream with bounded in-flight items.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +10,10 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::grpc::{Channel, ChannelOptions, Code, Status, Target};
+use crate::grpc::{ChannelOptions, Code, Status};
 use crate::pb::{self, embedding_service as paths};
+use crate::pool::Pool;
+use crate::stream::{Counters, Settings, StreamCounters, DEFAULT_MAX_RESENDS, MAX_SUBSTREAMS};
 
 pub use crate::pb::embed_options::PromptChoice;
 pub use crate::pb::{
@@ -87,38 +88,77 @@ pub const MAX_ITEMS_PER_MESSAGE: usize = 256;
 /// Bytes of text one stream message carries at most (a single larger text goes alone).
 pub const MAX_TEXT_BYTES_PER_MESSAGE: usize = 1 << 20;
 
-/// An async client for akidb-embed. Cheap to clone; clones share the connection.
+/// An async client for akidb-embed. Cheap to clone; clones share the connections.
+///
+/// One target is one sidecar. Several (a comma-separated list, `connect_endpoints`)
+/// or a `dns:///name:port` target (a headless Kubernetes Service, looked up again
+/// every 30 s) make a pool: calls spread by round robin, an endpoint that fails is
+/// skipped with a growing backoff, unary calls are retried on UNAVAILABLE on the
+/// next endpoint, and `embed_stream` runs over one sub-stream per endpoint and
+/// re-sends what a failed or draining replica left unanswered.
 #[derive(Clone)]
 pub struct Client {
-    channel: Channel,
+    pool: Pool,
     timeout: Option<Duration>,
     stream_in_flight: usize,
+    substreams: Option<usize>,
+    counters: Arc<Counters>,
 }
 
 impl Client {
     /// Connects to `target`: a socket path (`/run/akidb-embed.sock`,
-    /// `unix:/run/akidb-embed.sock`) or `host:port`.
+    /// `unix:/run/akidb-embed.sock`), `host:port`, a comma-separated list of
+    /// those, or `dns:///host:port`. With several endpoints it is enough that one
+    /// of them answers.
     pub async fn connect(target: &str) -> Result<Client, Status> {
         Client::connect_with(target, ChannelOptions::default()).await
     }
 
     pub async fn connect_with(target: &str, options: ChannelOptions) -> Result<Client, Status> {
-        let channel = Channel::connect(Target::parse(target)?, options).await?;
-        Ok(Client::over(channel))
+        let client = Client::lazy(target, options)?;
+        client.check_reachable().await?;
+        Ok(client)
+    }
+
+    /// A pool of the given endpoints (each a socket path or `host:port`).
+    pub async fn connect_endpoints(
+        targets: &[&str],
+        options: ChannelOptions,
+    ) -> Result<Client, Status> {
+        let client = Client::over(Pool::fixed(targets, options)?);
+        client.check_reachable().await?;
+        Ok(client)
     }
 
     /// A client that dials on first use (e.g. before the sidecar has started;
     /// pair with `wait_until_serving`).
     pub fn lazy(target: &str, options: ChannelOptions) -> Result<Client, Status> {
-        Ok(Client::over(Channel::lazy(Target::parse(target)?, options)))
+        Ok(Client::over(Pool::parse(target, options)?))
     }
 
-    fn over(channel: Channel) -> Client {
+    fn over(pool: Pool) -> Client {
         Client {
-            channel,
+            pool,
             timeout: None,
             stream_in_flight: DEFAULT_STREAM_IN_FLIGHT,
+            substreams: None,
+            counters: Arc::new(Counters::default()),
         }
+    }
+
+    async fn check_reachable(&self) -> Result<(), Status> {
+        let mut last = None;
+        for _ in 0..self.pool.endpoints().len().max(1) {
+            let endpoint = self.pool.pick().await?;
+            match endpoint.channel.ready().await {
+                Ok(()) => return Ok(()),
+                Err(status) => {
+                    self.pool.failed(&endpoint);
+                    last = Some(status);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable(format!("no endpoints for {}", self.pool))))
     }
 
     /// A client whose calls have this deadline (sent as `grpc-timeout` and
@@ -138,6 +178,74 @@ impl Client {
         }
     }
 
+    /// A client whose streams run over `n` concurrent sub-streams (default: one
+    /// per endpoint, at most 8).
+    pub fn with_substreams(&self, n: usize) -> Client {
+        Client {
+            substreams: Some(n.max(1)),
+            ..self.clone()
+        }
+    }
+
+    /// What this client (and its clones) did to keep streams whole: re-sent items,
+    /// broken sub-streams, items a draining replica refused.
+    pub fn counters(&self) -> StreamCounters {
+        self.counters.snapshot()
+    }
+
+    /// Calls and sub-streams started per endpoint, as round robin spread them.
+    pub fn endpoint_calls(&self) -> Vec<(String, u64)> {
+        self.pool.calls()
+    }
+
+    /// A unary call; on a pool, UNAVAILABLE is retried on the next endpoint (the
+    /// calls are idempotent) within the deadline.
+    async fn unary<Q, R>(&self, path: &str, request: &Q) -> Result<R, Status>
+    where
+        Q: prost::Message,
+        R: prost::Message + Default,
+    {
+        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+        let attempts = if self.pool.is_single() {
+            1
+        } else {
+            self.pool.endpoints().len().clamp(1, 4) + 1
+        };
+        let mut last: Option<Status> = None;
+        for _ in 0..attempts {
+            let timeout = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(last.unwrap_or_else(Status::deadline_exceeded));
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            let endpoint = self.pool.pick().await?;
+            match endpoint.channel.unary(path, request, timeout).await {
+                Ok(response) => {
+                    self.pool.succeeded(&endpoint);
+                    return Ok(response);
+                }
+                Err(status) if status.code() == Code::Unavailable => {
+                    self.pool.failed(&endpoint);
+                    last = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        let last = last.expect("at least one attempt");
+        if attempts == 1 {
+            return Err(last);
+        }
+        Err(Status::unavailable(format!(
+            "no replica of {} answered after {} attempts (last: {}): check that the replicas are up and SERVING",
+            self.pool, attempts, last
+        )))
+    }
+
     /// Embeds `texts` with `model` ("" = the server's default).
     pub async fn embed<I>(
         &self,
@@ -155,10 +263,7 @@ impl Client {
             options,
         };
         let sent = request.texts.len();
-        let response: pb::EmbedResponse = self
-            .channel
-            .unary(paths::EMBED, &request, self.timeout)
-            .await?;
+        let response: pb::EmbedResponse = self.unary(paths::EMBED, &request).await?;
         Ok(Embeddings {
             embeddings: decode_batch(response.embeddings.unwrap_or_default(), sent)?,
             space: response.space.unwrap_or_default(),
@@ -174,74 +279,40 @@ impl Client {
     /// text), and a message leaves as soon as the input pauses. At most
     /// `with_stream_in_flight` items are unanswered. Dropping the returned stream
     /// cancels the call.
+    ///
+    /// On a pool the messages spread over concurrent sub-streams on different
+    /// endpoints, and what a replica that dies or drains leaves unanswered is
+    /// sent again on another: each id is still answered exactly once, in order.
     pub async fn embed_stream<S>(&self, items: S) -> Result<ResultStream, Status>
     where
         S: Stream<Item = StreamItem> + Send + 'static,
     {
-        let (mut sink, responses) = self
-            .channel
-            .streaming::<pb::EmbedStreamRequest, pb::EmbedStreamResponse>(
-                paths::EMBED_STREAM,
-                self.timeout,
-            )
-            .await?;
-        let in_flight = Arc::new(Semaphore::new(self.stream_in_flight));
-        let permits = in_flight.clone();
-        let sender = tokio::spawn(async move {
-            let mut batcher = Batcher::new(items);
-            let mut sticky = Sticky::default();
-            while let Some(batch) = batcher.next(&permits).await {
-                let request = sticky.request(&batch);
-                // A failed send ends the call; the receiving side reports its status.
-                if sink.send(&request).await.is_err() {
-                    return;
-                }
-            }
-            let _ = sink.finish();
-        });
-        let state = Receiving {
-            responses,
-            in_flight,
-            ready: VecDeque::new(),
-            space: None,
-            _sender: AbortOnDrop(sender),
+        let single = self.pool.is_single();
+        let substreams = self
+            .substreams
+            .unwrap_or_else(|| self.pool.endpoints().len().clamp(1, MAX_SUBSTREAMS));
+        let settings = Settings {
+            pool: self.pool.clone(),
+            deadline: self.timeout.map(|t| tokio::time::Instant::now() + t),
+            in_flight: self.stream_in_flight,
+            substreams,
+            max_resends: if single { 0 } else { DEFAULT_MAX_RESENDS },
+            counters: self.counters.clone(),
         };
-        let results = futures_util::stream::unfold(Some(state), |state| async move {
-            let mut state = state?;
-            loop {
-                if let Some(result) = state.ready.pop_front() {
-                    return Some((Ok(result), Some(state)));
-                }
-                match state.responses.message().await {
-                    Ok(Some(response)) => {
-                        state.in_flight.add_permits(response.ids.len());
-                        match decode_stream_response(response, &mut state.space) {
-                            Ok(results) => state.ready.extend(results),
-                            Err(status) => return Some((Err(status), None)),
-                        }
-                    }
-                    Ok(None) => return None,
-                    Err(status) => return Some((Err(status), None)),
-                }
-            }
-        });
-        Ok(Box::pin(results))
+        Ok(Box::pin(crate::stream::start(settings, items)))
     }
 
     /// Every model the server knows, with its state.
     pub async fn list_models(&self) -> Result<Vec<ModelInfo>, Status> {
         let response: pb::ListModelsResponse = self
-            .channel
-            .unary(paths::LIST_MODELS, &pb::ListModelsRequest {}, self.timeout)
+            .unary(paths::LIST_MODELS, &pb::ListModelsRequest {})
             .await?;
         Ok(response.models)
     }
 
     /// Overall and per-model status, version, uptime.
     pub async fn health(&self) -> Result<HealthResponse, Status> {
-        self.channel
-            .unary(paths::HEALTH, &pb::HealthRequest {}, self.timeout)
-            .await
+        self.unary(paths::HEALTH, &pb::HealthRequest {}).await
     }
 
     /// Polls `health` until the server says SERVING (it loads and warms its
@@ -260,9 +331,7 @@ impl Client {
                     Code::Unavailable,
                     format!(
                         "server at {} not SERVING after {:?}: {}",
-                        self.channel.target(),
-                        within,
-                        last
+                        self.pool, within, last
                     ),
                 ));
             }
@@ -271,22 +340,25 @@ impl Client {
     }
 }
 
-struct Receiving {
-    responses: crate::grpc::Streaming<pb::EmbedStreamResponse>,
-    in_flight: Arc<Semaphore>,
-    /// Results of the last response not yet handed out.
-    ready: VecDeque<StreamResult>,
-    /// The space of the last response that carried one.
-    space: Option<EmbeddingSpace>,
-    _sender: AbortOnDrop,
-}
+/// Stops a task when dropped (the results of a stream, a sub-stream).
+pub(crate) struct AbortOnDrop(Option<JoinHandle<()>>);
 
-/// Stops the sending task when the results are dropped.
-struct AbortOnDrop(JoinHandle<()>);
+impl AbortOnDrop {
+    pub(crate) fn new(task: JoinHandle<()>) -> AbortOnDrop {
+        AbortOnDrop(Some(task))
+    }
+
+    /// Lets the task run to its end.
+    pub(crate) fn detach(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 
@@ -328,21 +400,24 @@ impl<S: Stream<Item = StreamItem>> Batcher<S> {
     /// pauses. Each item taken holds one permit (forgotten: the caller gives
     /// them back when the answers arrive).
     pub(crate) async fn next(&mut self, permits: &Semaphore) -> Option<Batch> {
-        let first = match self.carry.take() {
-            Some(item) => item,
-            None if self.ended => return None,
-            None => match self.items.next().await {
-                Some(item) => item,
+        // Cancel-safe: an item taken while waiting for a permit stays in `carry`.
+        if self.carry.is_none() {
+            if self.ended {
+                return None;
+            }
+            match self.items.next().await {
+                Some(item) => self.carry = Some(item),
                 None => {
                     self.ended = true;
                     return None;
                 }
-            },
-        };
+            }
+        }
         match permits.acquire().await {
             Ok(permit) => permit.forget(),
             Err(_) => return None,
         }
+        let first = self.carry.take().expect("set above");
         self.adopt(&first);
         let mut batch = Batch {
             ids: vec![first.id],

@@ -11,6 +11,8 @@
 
 mod client;
 pub mod grpc;
+mod pool;
+mod stream;
 
 /// Message types generated from `proto/akidb/embedding/v1/embedding_service.proto`
 /// at build time, and the HTTP/2 paths of its methods.
@@ -25,3 +27,5 @@ pub use client::{
 };
 pub use futures_core::Stream;
 pub use grpc::{ChannelOptions, Code, Status};
+pub use pool::DEFAULT_RESOLVE_EVERY;
+pub use stream::{StreamCounters, DEFAULT_MAX_RESENDS, MAX_SUBSTREAMS};
