@@ -32,7 +32,7 @@ REFERENCE_STAMP := $(VENV)/.reference-stamp
 PROTO_SRC := proto/akidb/embedding/v1/embedding_service.proto
 PROTO_OUT := clients/python
 
-.PHONY: setup system-deps setup-reference proto proto-check lint typecheck run test test-fast bench clean
+.PHONY: setup system-deps setup-reference proto proto-check lint typecheck run test test-fast bench bench-replicas clean
 
 setup: $(SETUP_STAMP)
 
@@ -91,6 +91,11 @@ test-fast: $(SETUP_STAMP)
 bench: $(REFERENCE_STAMP)
 	$(WITH_BLAS) $(PY) -m bench $(BENCH_ARGS)
 
+# 1 replica vs a pool of REPLICAS on loopback (docs/replicas.md); needs no reference models.
+REPLICAS ?= 3
+bench-replicas: $(SETUP_STAMP)
+	$(WITH_BLAS) $(PY) -m bench --replicas $(REPLICAS) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
@@ -101,7 +106,10 @@ CLIENT_PYTHON ?= $(abspath $(PY))
 
 .PHONY: test-rust test-node test-clients
 
-# Debian's packaged crates + protoc (no crates.io needed), then unit and server tests.
+# Debian's packaged crates + protoc (no crates.io needed), then unit and server tests, the
+# slow replica-pool ones (#[ignore]d in a plain `cargo test`) included; `make test-rust
+# CARGO_TEST_ARGS=` leaves them out.
+CARGO_TEST_ARGS ?= -- --include-ignored
 test-rust: $(SETUP_STAMP)
 	@bash scripts/install-rust-deps.sh
 	cd clients/rust && AKIDB_EMBED_PYTHON=$(CLIENT_PYTHON) cargo test --offline $(CARGO_TEST_ARGS)

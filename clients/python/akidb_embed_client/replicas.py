@@ -301,6 +301,10 @@ class PoolStream:
             chars += len(text)
         return chunk
 
+    def _has_room(self, sub: _Sub) -> bool:
+        """A full message more stays within the sub-stream's share of the window."""
+        return sub.items == 0 or sub.items + self.max_items <= self.window
+
     def _no_more_work(self) -> bool:
         return self.input_done and not self.pending and not self.retry
 
@@ -310,7 +314,7 @@ class PoolStream:
                 while True:
                     if self.finished or self.fatal is not None or sub.closing or sub.broken:
                         return
-                    if sub.items < self.window and (self.retry or self.pending):
+                    if self._has_room(sub) and (self.retry or self.pending):
                         break
                     if self._no_more_work():
                         return  # half-close: the replica answers what it has, then ends

@@ -306,7 +306,12 @@ impl Coordinator {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.open() && s.items < self.window)
+            // A full message more stays within the slot's share of the window.
+            .filter(|(_, s)| {
+                s.open()
+                    && (s.items == 0
+                        || s.items + crate::client::MAX_ITEMS_PER_MESSAGE <= self.window)
+            })
             .min_by_key(|(_, s)| s.items)
             .map(|(i, _)| i)
     }
@@ -467,7 +472,7 @@ impl Coordinator {
             slot.items = 0;
             let unanswered: usize = chunks.iter().map(|c| c.batch.ids.len()).sum();
             let exhausted =
-                slot.failures > max_resends || chunks.iter().any(|c| c.attempt >= max_resends);
+                slot.failures >= max_resends || chunks.iter().any(|c| c.attempt >= max_resends);
             if exhausted {
                 return Err(Status::unavailable(format!(
                     "no replica of {} answered the stream after {} attempts (last: {}); {} items \
