@@ -47,7 +47,7 @@ PROTO_OUT := clients/python
 PACKAGING := pyproject.toml clients/python/pyproject.toml build_support/akidb_build.py
 
 .PHONY: setup setup-run system-deps setup-reference proto proto-check lint typecheck run test \
-  test-fast bench clean image image-check
+  test-fast bench bench-replicas clean image image-check
 
 setup: $(SETUP_STAMP)
 setup-run: $(RUN_STAMP)
@@ -116,6 +116,11 @@ test-fast: $(SETUP_STAMP)
 bench: $(REFERENCE_STAMP)
 	$(WITH_BLAS) $(PY) -m bench $(BENCH_ARGS)
 
+# 1 replica vs a pool of REPLICAS on loopback (docs/replicas.md); needs no reference models.
+REPLICAS ?= 3
+bench-replicas: $(SETUP_STAMP)
+	$(WITH_BLAS) $(PY) -m bench --replicas $(REPLICAS) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
@@ -140,7 +145,10 @@ CLIENT_PYTHON ?= $(abspath $(PY))
 
 .PHONY: test-rust test-node test-clients
 
-# Debian's packaged crates + protoc (no crates.io needed), then unit and server tests.
+# Debian's packaged crates + protoc (no crates.io needed), then unit and server tests, the
+# slow replica-pool ones (#[ignore]d in a plain `cargo test`) included; `make test-rust
+# CARGO_TEST_ARGS=` leaves them out.
+CARGO_TEST_ARGS ?= -- --include-ignored
 test-rust: $(SETUP_STAMP)
 	@bash scripts/install-rust-deps.sh
 	cd clients/rust && AKIDB_EMBED_PYTHON=$(CLIENT_PYTHON) cargo test --offline $(CARGO_TEST_ARGS)

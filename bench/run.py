@@ -34,6 +34,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument(
+        "--replicas",
+        type=int,
+        help="instead: aggregate throughput of 1 replica vs this many (bench/replicas.py)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / "latest.json", help="JSON"
     )
     args = parser.parse_args(argv)
@@ -78,6 +83,11 @@ def machine() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     ensure_fast_blas()  # may re-execute this process with OpenBLAS preloaded
     args = parse_args(argv)
+    if args.replicas:
+        from . import corpus, replicas
+
+        out = REPO / "bench" / "results" / "replicas.json"
+        return replicas.run(args.replicas, corpus.sample(args.texts), args.repeats, out)
     from akidb_embed.backend import describe_backend
     from akidb_embed.engine import EmbedOptions
     from akidb_embed.loader import load_engine

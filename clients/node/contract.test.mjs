@@ -82,12 +82,17 @@ function bidi(stub, method, requests, deadlineMs = 120_000) {
   });
 }
 
-function vectorOf(e) {
-  assert.ok(Buffer.isBuffer(e.vector));
-  assert.equal(e.vector.length, e.dimensions * 4, 'packed float32: 4 bytes per dimension');
-  const v = new Float32Array(e.dimensions);
-  for (let i = 0; i < e.dimensions; i++) v[i] = e.vector.readFloatLE(i * 4);
-  return v;
+/** The rows of a packed EmbeddingBatch: `rows` little-endian float32 vectors of `dimensions`. */
+function rowsOf(batch, rows) {
+  assert.ok(Buffer.isBuffer(batch.vectors));
+  assert.equal(batch.vectors.length, rows * batch.dimensions * 4, 'packed float32: 4 bytes per value');
+  assert.equal(batch.token_counts.length, rows);
+  assert.equal(batch.truncated.length, rows);
+  return Array.from({ length: rows }, (_, r) => {
+    const v = new Float32Array(batch.dimensions);
+    for (let i = 0; i < batch.dimensions; i++) v[i] = batch.vectors.readFloatLE((r * batch.dimensions + i) * 4);
+    return v;
+  });
 }
 
 const norm = (v) => Math.sqrt(v.reduce((s, x) => s + x * x, 0));
@@ -140,17 +145,17 @@ after(async () => {
 test('Embed returns unit vectors, token counts and the space, equal to the Python client', async () => {
   const texts = ['The quick brown fox jumps over the lazy dog.', 'AkiDB stores vectors.', 'Ünïcödé — 🚀'];
   const r = await unary(client, 'Embed', { texts });
-  assert.equal(r.embeddings.length, texts.length);
   assert.ok(r.model.length > 0);
   assert.match(r.space.fingerprint, /^\S+$/);
   assert.ok(r.space.normalized);
-  const vectors = r.embeddings.map(vectorOf);
+  assert.equal(r.embeddings.dimensions, r.space.dimensions);
+  const vectors = rowsOf(r.embeddings, texts.length);
   let tokens = 0;
-  for (const [i, e] of r.embeddings.entries()) {
-    assert.equal(e.dimensions, r.space.dimensions);
-    assert.ok(e.token_count > 2, `text ${i} has ${e.token_count} tokens`);
+  for (const [i, count] of r.embeddings.token_counts.entries()) {
+    assert.ok(count > 2, `text ${i} has ${count} tokens`);
     assert.ok(Math.abs(norm(vectors[i]) - 1) < 1e-5);
-    tokens += e.token_count;
+    assert.equal(r.embeddings.truncated[i], false);
+    tokens += count;
   }
   assert.equal(Number(r.total_tokens), tokens);
   assert.ok(dot(vectors[0], vectors[1]) < 0.9, 'different texts, different vectors');
@@ -195,25 +200,73 @@ test('Embed with an empty text is INVALID_ARGUMENT', async () => {
   });
 });
 
-test('EmbedStream answers every id in order; a bad item gets its own error', async () => {
+test('EmbedStream answers one message per item in order; a bad item gets its own error', async () => {
   const n = 200;
-  const requests = Array.from({ length: n }, (_, i) => ({ id: `item-${i}`, text: i === 57 ? '' : `document ${i}` }));
+  const requests = Array.from({ length: n }, (_, i) => ({
+    ids: [`item-${i}`],
+    texts: [i === 57 ? '' : `document ${i}`],
+  }));
   const responses = await bidi(client, 'EmbedStream', requests);
+  assert.equal(responses.length, n, 'exactly one response per request message');
   assert.deepEqual(
-    responses.map((r) => r.id),
-    requests.map((r) => r.id),
+    responses.map((r) => r.ids),
+    requests.map((r) => r.ids),
   );
+  let space = null;
   for (const [i, r] of responses.entries()) {
+    if (r.space) space = r.space; // sent when it changes: keep the last one
     if (i === 57) {
-      assert.equal(r.result, 'error');
-      assert.equal(r.error.code, grpc.status.INVALID_ARGUMENT);
-      assert.ok(r.error.message.length > 0);
+      assert.equal(r.errors.length, 1);
+      assert.equal(r.errors[0].index, 0);
+      assert.equal(r.errors[0].code, grpc.status.INVALID_ARGUMENT);
+      assert.ok(r.errors[0].message.length > 0);
+      assert.equal(r.embeddings.vectors.length, 0, 'no row for a failed item');
     } else {
-      assert.equal(r.result, 'embedding', `item ${i}: ${JSON.stringify(r.error)}`);
-      assert.ok(Math.abs(norm(vectorOf(r.embedding)) - 1) < 1e-5);
-      assert.ok(r.space.fingerprint.length > 0);
+      assert.deepEqual(r.errors, [], `item ${i}: ${JSON.stringify(r.errors)}`);
+      const [v] = rowsOf(r.embeddings, 1);
+      assert.ok(Math.abs(norm(v) - 1) < 1e-5);
+      assert.ok(space && space.fingerprint.length > 0, `item ${i} has a space`);
+      assert.equal(v.length, space.dimensions);
     }
   }
+  // The space comes once, then only if it changes: here it never does.
+  assert.equal(responses.filter((r) => r.space).length, 1);
+});
+
+test('EmbedStream messages of many items: one response each, rows for the items without errors', async () => {
+  const sizes = [1, 37, 256, 5];
+  let next = 0;
+  const requests = sizes.map((size) => {
+    const ids = [];
+    const texts = [];
+    for (let i = 0; i < size; i++, next++) {
+      ids.push(`m-${next}`);
+      texts.push(next % 50 === 7 ? '' : `passage number ${next} about vectors`);
+    }
+    return { ids, texts };
+  });
+  const responses = await bidi(client, 'EmbedStream', requests);
+  assert.equal(responses.length, requests.length);
+  const unary1 = await unary(client, 'Embed', { texts: [requests[2].texts[3]] });
+  const reference = rowsOf(unary1.embeddings, 1)[0];
+  for (const [m, r] of responses.entries()) {
+    assert.deepEqual(r.ids, requests[m].ids);
+    const bad = requests[m].texts.flatMap((t, i) => (t === '' ? [i] : []));
+    assert.deepEqual(
+      r.errors.map((e) => e.index),
+      bad,
+    );
+    for (const e of r.errors) assert.equal(e.code, grpc.status.INVALID_ARGUMENT);
+    const rows = rowsOf(r.embeddings, r.ids.length - bad.length);
+    for (const v of rows) assert.ok(Math.abs(norm(v) - 1) < 1e-5);
+    if (m === 2) {
+      // Item 3 of the 256 (no failed item before it in this message): row 3, the unary vector.
+      assert.ok(!bad.some((i) => i < 3));
+      const maxAbs = rows[3].reduce((w, x, j) => Math.max(w, Math.abs(x - reference[j])), 0);
+      assert.ok(maxAbs < 1e-4, `streamed vs unary max abs diff ${maxAbs}`);
+    }
+  }
+  assert.ok(responses[0].space, 'the first response with vectors carries the space');
 });
 
 test('ListModels shows the default model loaded, and Embed gives its native dimension', async () => {
@@ -224,7 +277,8 @@ test('ListModels shows the default model loaded, and Embed gives its native dime
   assert.ok(def.dimensions > 0 && def.max_tokens > 0);
   const r = await unary(client, 'Embed', { model: def.name, texts: ['x'] });
   assert.equal(r.model, def.name);
-  assert.equal(r.embeddings[0].dimensions, def.dimensions);
+  assert.equal(r.embeddings.dimensions, def.dimensions);
+  assert.equal(rowsOf(r.embeddings, 1)[0].length, def.dimensions);
 });
 
 test('Health reports SERVING with a version and the loaded model', async () => {
@@ -234,6 +288,10 @@ test('Health reports SERVING with a version and the loaded model', async () => {
   assert.ok(h.uptime_seconds > 0);
   assert.ok(h.models.length > 0);
   assert.ok(h.backend.length > 0);
+  assert.ok(h.limits.max_texts_per_request > 0);
+  assert.ok(h.limits.stream_window > 0);
+  assert.ok(Number(h.limits.max_message_bytes) > 0);
+  assert.ok(h.workers_ready <= h.workers_configured);
 });
 
 test('grpc.health.v1 Check: server and service SERVING, unknown service NOT_FOUND', async () => {

@@ -200,3 +200,50 @@ def test_launchd_plist() -> None:
     assert plist["Umask"] == 0o077
     for key in ("StandardOutPath", "StandardErrorPath"):
         assert PurePosixPath(plist[key]).is_absolute()  # launchd does not expand ~
+
+
+POOL = DEPLOY / "kubernetes" / "embed-pool.yaml"
+
+
+def test_kubernetes_pool_deployment_service_probes_and_budget() -> None:
+    docs = {d["kind"]: d for d in yaml.safe_load_all(POOL.read_text()) if d}
+    assert set(docs) == {"Deployment", "Service", "PodDisruptionBudget"}
+    deployment, service, budget = docs["Deployment"], docs["Service"], docs["PodDisruptionBudget"]
+    replicas = deployment["spec"]["replicas"]
+    assert replicas >= 2
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    [embed] = pod["spec"]["containers"]
+    serve = parse_cli(embed["command"])
+    assert serve.command == "serve"
+    # TCP only, on every interface of the pod: the clients come from other pods.
+    assert serve.no_socket and serve.host == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in embed["ports"]}
+    assert ports["grpc"] == serve.port
+    assert ports["metrics"] == serve.metrics_port
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(serve.metrics_port)
+
+    # Kubelet's gRPC probes (grpc.health.v1) on the serving port.
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = embed[kind]
+        assert probe["grpc"]["port"] == serve.port, kind
+        assert "exec" not in probe and "httpGet" not in probe, kind
+    startup = embed["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    # Draining must finish before kubelet's SIGKILL.
+    assert pod["spec"]["terminationGracePeriodSeconds"] > serve.grace
+    assert embed["resources"]["requests"]["cpu"] and embed["resources"]["requests"]["memory"]
+
+    # Headless: DNS returns one address per ready pod, so clients balance per call.
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None"
+    assert spec["selector"].items() <= labels.items()
+    [port] = spec["ports"]
+    assert port["port"] == serve.port and port["targetPort"] in ("grpc", serve.port)
+
+    # Voluntary disruptions leave most replicas up.
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 0 < budget["spec"]["maxUnavailable"] < replicas
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0

@@ -15,6 +15,7 @@ from .client import (
     StreamResult,
     default_target,
 )
+from .replicas import PoolCounters
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -26,6 +27,7 @@ __all__ = [
     "ModelHealth",
     "ModelInfo",
     "Options",
+    "PoolCounters",
     "ServerLimits",
     "Space",
     "StreamResult",

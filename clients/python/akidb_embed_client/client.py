@@ -30,6 +30,14 @@ from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 from .paths import default_socket_path
+from .replicas import (
+    PoolCounters,
+    PoolStream,
+    count_endpoints,
+    is_pool_target,
+    list_target,
+    service_config,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -333,40 +341,71 @@ class _StreamState:
     def results(self, response: pb.EmbedStreamResponse) -> list[StreamResult]:
         if response.HasField("space"):
             self.space = Space.from_proto(response.space)
-        ids = response.ids
-        batch = response.embeddings
-        vectors = _rows(batch)
-        counts = batch.token_counts
-        truncated = batch.truncated
-        space = self.space
-        if not response.errors:
-            return [
-                StreamResult(item_id, vector, count, cut, space)
-                for item_id, vector, count, cut in zip(ids, vectors, counts, truncated, strict=True)
-            ]
-        failed = {
-            e.index: EmbedClientError(_status_code(e.code), e.message) for e in response.errors
-        }
-        out: list[StreamResult] = []
-        row = 0
-        for index, item_id in enumerate(ids):
-            error = failed.get(index)
-            if error is not None:
-                out.append(StreamResult(item_id, None, error=error))
-            else:
-                out.append(StreamResult(item_id, vectors[row], counts[row], truncated[row], space))
-                row += 1
-        return out
+        return decode_stream_results(response, self.space)
+
+
+def decode_stream_results(
+    response: pb.EmbedStreamResponse, space: Space | None
+) -> list[StreamResult]:
+    """One response message to its items' results, in order; `space` is the last one the
+    stream received (this response's, if it carried one)."""
+    ids = response.ids
+    batch = response.embeddings
+    vectors = _rows(batch)
+    counts = batch.token_counts
+    truncated = batch.truncated
+    if not response.errors:
+        return [
+            StreamResult(item_id, vector, count, cut, space)
+            for item_id, vector, count, cut in zip(ids, vectors, counts, truncated, strict=True)
+        ]
+    failed = {e.index: EmbedClientError(_status_code(e.code), e.message) for e in response.errors}
+    out: list[StreamResult] = []
+    row = 0
+    for index, item_id in enumerate(ids):
+        error = failed.get(index)
+        if error is not None:
+            out.append(StreamResult(item_id, None, error=error))
+        else:
+            out.append(StreamResult(item_id, vectors[row], counts[row], truncated[row], space))
+            row += 1
+    return out
+
+
+def _channel_options(target: str) -> list[tuple[str, object]]:
+    if not is_pool_target(target):
+        return list(_CHANNEL_OPTIONS)
+    return [
+        *_CHANNEL_OPTIONS,
+        ("grpc.service_config", service_config()),
+        ("grpc.enable_retries", 1),
+    ]
+
+
+def resolve_target(target: str | Sequence[str] | None) -> str:
+    """A grpc target: a list of host:port addresses becomes one `ipv4:`/`ipv6:` list."""
+    if target is not None and not isinstance(target, str):
+        return list_target(list(target))
+    return grpc_target(target)
 
 
 class EmbedClient:
     """Blocking client. `embed_stream` keeps the stream full: items go out in messages as
-    HTTP/2 flow control allows while results come back."""
+    HTTP/2 flow control allows while results come back.
 
-    def __init__(self, target: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        self.target = grpc_target(target)
+    `target` may name a pool of replicas: a list of host:port addresses, or a
+    `dns:///name:port` target. Calls then spread by round robin, unary calls are retried on
+    UNAVAILABLE, and `embed_stream` runs over several sub-streams that fail over without
+    losing an item (replicas.py); `counters` shows what that took."""
+
+    def __init__(
+        self, target: str | Sequence[str] | None = None, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        self.target = resolve_target(target)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self.pool = is_pool_target(self.target)
+        self.counters = PoolCounters()
+        self._channel = grpc.insecure_channel(self.target, options=_channel_options(self.target))
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -397,6 +436,7 @@ class EmbedClient:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_items_per_message: int = DEFAULT_MAX_ITEMS_PER_MESSAGE,
         max_chars_per_message: int = DEFAULT_MAX_CHARS_PER_MESSAGE,
+        streams: int | None = None,
         **options: Unpack[Options],
     ) -> Iterator[StreamResult]:
         """Items are texts (ids become their index) or (id, text) pairs; results in order.
@@ -404,15 +444,47 @@ class EmbedClient:
         A thread reads `items` while gRPC sends what it has read, in messages, and results
         come back; at most `max_in_flight` items are read and not yet answered, so a
         shutdown or an error never leaves a huge backlog in the transport. `timeout`
-        bounds the whole stream (default: none)."""
+        bounds the whole stream (default: none).
+
+        On a pool, the items go over `streams` concurrent sub-streams (default: one per
+        replica the target names now, at most 8) and an item whose replica fails or
+        drains is sent again on another; each id is still answered once, in order."""
         if isinstance(items, (str, bytes)):
             raise TypeError("items must be an iterable of texts or (id, text) pairs")
-        state = _StreamState(
+        if self.pool:
+            return PoolStream(
+                self._stub,
+                model,
+                build_options(**options),
+                timeout=timeout,
+                max_in_flight=max_in_flight,
+                max_items=max_items_per_message,
+                max_chars=max_chars_per_message,
+                streams=streams if streams is not None else count_endpoints(self.target),
+                counters=self.counters,
+            ).run(_as_pair(index, item) for index, item in enumerate(items))
+        return self._embed_stream(
+            items,
+            model,
+            timeout,
             max_in_flight,
             max_items_per_message,
             max_chars_per_message,
-            model,
             build_options(**options),
+        )
+
+    def _embed_stream(
+        self,
+        items: Iterable[str | tuple[str, str]],
+        model: str,
+        timeout: float | None,
+        max_in_flight: int,
+        max_items_per_message: int,
+        max_chars_per_message: int,
+        options: pb.EmbedOptions,
+    ) -> Iterator[StreamResult]:
+        state = _StreamState(
+            max_in_flight, max_items_per_message, max_chars_per_message, model, options
         )
         cond = threading.Condition()
 
@@ -501,10 +573,14 @@ class EmbedClient:
 class AsyncEmbedClient:
     """asyncio client over grpc.aio: the same methods as EmbedClient."""
 
-    def __init__(self, target: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
-        self.target = grpc_target(target)
+    def __init__(
+        self, target: str | Sequence[str] | None = None, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        self.target = resolve_target(target)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(
+            self.target, options=_channel_options(self.target)
+        )
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

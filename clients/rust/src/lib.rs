@@ -12,6 +12,8 @@
 
 mod client;
 pub mod grpc;
+mod pool;
+mod stream;
 
 /// Message types generated from `proto/akidb/embedding/v1/embedding_service.proto`
 /// at build time, and the HTTP/2 paths of its methods.
@@ -21,7 +23,10 @@ pub mod pb {
 
 pub use client::{
     Client, EmbedOptions, Embedding, EmbeddingSpace, Embeddings, HealthResponse, ModelInfo,
-    PromptChoice, ResultStream, ServingStatus, StreamItem, StreamResult, DEFAULT_STREAM_IN_FLIGHT,
+    PromptChoice, ResultStream, ServerLimits, ServingStatus, StreamItem, StreamResult,
+    DEFAULT_STREAM_IN_FLIGHT, MAX_ITEMS_PER_MESSAGE, MAX_TEXT_BYTES_PER_MESSAGE,
 };
 pub use futures_core::Stream;
 pub use grpc::{ChannelOptions, Code, Status};
+pub use pool::DEFAULT_RESOLVE_EVERY;
+pub use stream::{StreamCounters, DEFAULT_MAX_RESENDS, MAX_SUBSTREAMS};

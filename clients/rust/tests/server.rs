@@ -260,6 +260,11 @@ async fn list_models_and_health_describe_the_server() {
     assert!(!health.version.is_empty());
     assert!(health.uptime_seconds > 0.0);
     assert!(health.models.iter().any(|m| m.name == default.name));
+    let limits = health.limits.expect("the server's limits");
+    assert!(limits.max_texts_per_request > 0);
+    assert!(limits.stream_window > 0);
+    assert!(limits.max_message_bytes > 0);
+    assert!(health.workers_ready <= health.workers_configured);
 }
 
 #[tokio::test]

@@ -189,6 +189,11 @@ impl Channel {
         &self.inner.target
     }
 
+    /// Dials now if there is no live connection.
+    pub async fn ready(&self) -> Result<(), Status> {
+        self.connection().await.map(|_| ())
+    }
+
     /// The live connection, dialling a new one if there is none or it has closed.
     /// Dialling holds the lock so that concurrent calls share one new connection.
     async fn connection(&self) -> Result<Connection, Status> {

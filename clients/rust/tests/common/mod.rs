@@ -265,3 +265,130 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
     dot / (norm(a) * norm(b))
 }
+
+/// One server process on a loopback TCP port (`serve --no-socket --port 0`, one
+/// engine in the process), its address read from its log.
+pub struct Replica {
+    child: Option<(Child, ChildStdin)>,
+    pub address: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    pub fn start() -> Replica {
+        let dir = tempfile::Builder::new()
+            .prefix("akidb-embed-replica")
+            .tempdir()
+            .unwrap();
+        let log = dir.path().join("server.log");
+        let file = File::create(&log).unwrap();
+        let mut child = python_command()
+            .args(["-c", BOOTSTRAP, "serve", "--no-socket", "--port", "0"])
+            .args(["--workers", "0", "--grace", "20"])
+            .stdin(Stdio::piped())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {} (set AKIDB_EMBED_PYTHON): {}", python(), e));
+        let stdin = child.stdin.take().unwrap();
+        Replica {
+            child: Some((child, stdin)),
+            address: String::new(),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Waits for the address in the log, then for SERVING.
+    pub async fn wait_serving(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.address.is_empty() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(rest) = text.split("listening on ").nth(1) {
+                let line = rest.lines().next().unwrap_or("");
+                if let Some(a) = line.split(", ").find(|a| a.starts_with("127.0.0.1:")) {
+                    self.address = a.trim().to_string();
+                }
+            }
+            if let Some((child, _)) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("replica exited {}:\n{}", status, self.log_tail());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no address:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let client = Client::lazy(&self.address, ChannelOptions::default()).unwrap();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = client.wait_until_serving(left).await {
+            panic!("{}\nreplica log:\n{}", e, self.log_tail());
+        }
+    }
+
+    /// kill -9: no drain, connections reset.
+    pub fn kill(&mut self) {
+        if let Some((mut child, _stdin)) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM: NOT_SERVING, new items UNAVAILABLE, in-flight ones answered, exit.
+    pub fn terminate(&mut self) {
+        if let Some((child, _)) = self.child.as_ref() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        let (child, _) = self.child.as_mut()?;
+        while started.elapsed() < within {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some((mut child, stdin)) = self.child.take() {
+            drop(stdin); // SIGTERM through the closed stdin
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `n` replicas, started together, each SERVING.
+pub async fn start_replicas(n: usize) -> Vec<Replica> {
+    let mut replicas: Vec<Replica> = (0..n).map(|_| Replica::start()).collect();
+    for replica in &mut replicas {
+        replica.wait_serving(Duration::from_secs(180)).await;
+    }
+    replicas
+}

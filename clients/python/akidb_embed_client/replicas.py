@@ -1,0 +1,461 @@
+"""A pool of replicas: many endpoints behind gRPC's round_robin, and bulk streams that fail
+over without losing an item.
+
+Targets that name a pool: a list of addresses (`["10.0.0.5:50051", "10.0.0.6:50051"]`), a
+comma-separated `ipv4:`/`ipv6:` target, or a `dns:///name:port` target (a headless
+Kubernetes Service: one A record per ready pod; grpc re-resolves it when connections fail).
+The channel uses grpc's own `round_robin` policy with client-side health checking, so a
+replica that reports NOT_SERVING (starting, or draining after SIGTERM) gets no new calls, and
+a service config that retries the idempotent unary calls on UNAVAILABLE on the next replica.
+
+`embed_stream` on a pool (`PoolStream`) splits the caller's items into messages and spreads
+them over several concurrent sub-streams (round_robin puts each on the next ready replica).
+Every sub-stream keeps the messages it has sent and not yet had answered: when it breaks
+with UNAVAILABLE (the replica died or went away) or its replica answers items with
+UNAVAILABLE (it is draining), those items are sent again on another sub-stream. Results are
+merged back in the caller's order, each id exactly once. Nothing is kept on the servers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from akidb.embedding.v1 import embedding_service_pb2 as pb
+from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from .client import Space, StreamResult
+
+# Sub-streams of one pool stream, at most.
+MAX_SUBSTREAMS = 8
+# Times one item may be sent again before its UNAVAILABLE becomes the caller's result, and
+# consecutive failed (re)opens of one sub-stream before the stream fails with UNAVAILABLE.
+DEFAULT_MAX_ATTEMPTS = 6
+# Backoff between re-opens of a sub-stream: doubles from the first to the cap.
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 1.0
+# Statuses of a broken sub-stream whose unanswered items go to another replica. Everything
+# else (INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...) is the caller's and ends the stream.
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+_SERVICE = "akidb.embedding.v1.EmbeddingService"
+
+
+def service_config(max_attempts: int = 4) -> str:
+    """round_robin over the resolved addresses; skip replicas whose grpc.health.v1 status is
+    not SERVING; retry the idempotent unary calls on UNAVAILABLE (a retry goes to the next
+    replica). Streams are not retried by grpc: `PoolStream` resumes them itself."""
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "healthCheckConfig": {"serviceName": ""},
+            "methodConfig": [
+                {
+                    "name": [
+                        {"service": _SERVICE, "method": method}
+                        for method in ("Embed", "ListModels", "Health")
+                    ],
+                    "retryPolicy": {
+                        "maxAttempts": max_attempts,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def _split_host_port(address: str) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"invalid replica address {address!r}: expected host:port")
+    return host.strip("[]"), port
+
+
+def _resolve(host: str, port: str) -> list[str]:
+    """`host` as IP literals (itself if it is one), in the resolver's order."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def list_target(addresses: Sequence[str]) -> str:
+    """A grpc target naming every address of `addresses` (host:port each; names are resolved
+    now), e.g. `ipv4:10.0.0.5:50051,10.0.0.6:50051`."""
+    if not addresses:
+        raise ValueError("a pool needs at least one address")
+    v4: list[str] = []
+    v6: list[str] = []
+    for address in addresses:
+        host, port = _split_host_port(address)
+        for ip in _resolve(host, port):
+            if ipaddress.ip_address(ip).version == 4:
+                v4.append(f"{ip}:{port}")
+            else:
+                v6.append(f"[{ip}]:{port}")
+    if v4 and v6:
+        raise ValueError("a pool's addresses must be all IPv4 or all IPv6")
+    return f"ipv4:{','.join(v4)}" if v4 else f"ipv6:{','.join(v6)}"
+
+
+def is_pool_target(target: str) -> bool:
+    """`dns:` targets and `ipv4:`/`ipv6:` lists name pools; a socket or host:port does not."""
+    return target.startswith("dns:") or (target.startswith(("ipv4:", "ipv6:")) and "," in target)
+
+
+def count_endpoints(target: str) -> int:
+    """How many replicas a target names now (a `dns:` name is looked up; 1 if it fails)."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        return len(target.split(":", 1)[1].split(","))
+    if target.startswith("dns:"):
+        name = target[len("dns:") :].lstrip("/")
+        if "/" in name:  # dns://authority/name
+            name = name.split("/", 1)[1]
+        try:
+            host, port = _split_host_port(name)
+            return max(1, len(_resolve(host, port)))
+        except (OSError, ValueError):
+            return 1
+    return 1
+
+
+@dataclass
+class PoolCounters:
+    """What the client did to keep its streams whole (cumulative, per client)."""
+
+    streams_opened: int = 0  # sub-streams started, re-opens included
+    streams_broken: int = 0  # sub-streams that ended with UNAVAILABLE/CANCELLED
+    resent_items: int = 0  # items sent again on another sub-stream
+    resent_messages: int = 0
+    drained_items: int = 0  # items a draining replica answered with UNAVAILABLE
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+@dataclass
+class _Chunk:
+    """Items of one message: their positions in the caller's stream, ids and texts."""
+
+    indices: list[int]
+    ids: list[str]
+    texts: list[str]
+    attempt: int = 0
+
+
+@dataclass
+class _Sub:
+    """One sub-stream's view: what it sent and has not had answered, in order."""
+
+    unanswered: deque[_Chunk] = field(default_factory=deque)
+    items: int = 0
+    closing: bool = False  # its replica is draining: send nothing more, reopen elsewhere
+    broken: bool = False
+    first: bool = True
+    space: Space | None = None  # the last space this sub-stream received
+    call: grpc.RpcContext | None = None
+
+
+class PoolStream:
+    """One `embed_stream` over a pool (see the module docstring). Used by EmbedClient."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.EmbeddingServiceStub,
+        model: str,
+        options: pb.EmbedOptions,
+        *,
+        timeout: float | None,
+        max_in_flight: int,
+        max_items: int,
+        max_chars: int,
+        streams: int,
+        counters: PoolCounters,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        self.stub = stub
+        self.model = model
+        self.options = options
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_items = max(1, max_items)
+        self.max_chars = max_chars
+        self.streams = max(1, min(streams, MAX_SUBSTREAMS))
+        # A sub-stream takes new work only while it has less than this unanswered: a slow
+        # replica holds little, and the others take the rest.
+        self.window = max(self.max_items, self.max_in_flight // self.streams)
+        self.counters = counters
+        self.max_attempts = max_attempts
+        self.cond = threading.Condition()
+        self.pending: deque[tuple[int, str, str]] = deque()
+        self.retry: deque[_Chunk] = deque()
+        self.done: dict[int, StreamResult] = {}
+        self.next_out = 0
+        self.taken = 0
+        self.input_done = False
+        self.input_error: BaseException | None = None
+        self.fatal: Exception | None = None
+        self.finished = False
+        self.subs: list[_Sub] = []
+        self.live_workers = 0
+
+    # --- the caller's side ---------------------------------------------------------------
+
+    def run(self, items: Iterable[tuple[str, str]]) -> Iterator[StreamResult]:
+        from .client import EmbedClientError
+
+        threads = [threading.Thread(target=self._read, args=(items,), daemon=True)]
+        self.live_workers = self.streams
+        for n in range(self.streams):
+            threads.append(
+                threading.Thread(target=self._worker, args=(n,), daemon=True, name=f"pool-{n}")
+            )
+        for thread in threads:
+            thread.start()
+        try:
+            while True:
+                with self.cond:
+                    while True:
+                        if self.next_out in self.done:
+                            result = self.done.pop(self.next_out)
+                            self.next_out += 1
+                            self.cond.notify_all()
+                            break
+                        if self.fatal is not None:
+                            raise self.fatal
+                        if self.input_done and self.next_out == self.taken:
+                            if self.input_error is not None:
+                                raise self.input_error
+                            return
+                        if self.live_workers == 0:
+                            raise EmbedClientError(
+                                grpc.StatusCode.INTERNAL,
+                                f"stream workers ended with {self.taken - self.next_out} "
+                                "items unanswered",
+                            )
+                        self.cond.wait()
+                yield result
+        finally:
+            with self.cond:
+                self.finished = True
+                calls = [s.call for s in self.subs if s.call is not None]
+                self.cond.notify_all()
+            for call in calls:
+                call.cancel()
+
+    def _read(self, items: Iterable[tuple[str, str]]) -> None:
+        try:
+            for item_id, text in items:
+                with self.cond:
+                    while self.taken - self.next_out >= self.max_in_flight and not self.finished:
+                        self.cond.wait()
+                    if self.finished:
+                        return
+                    self.pending.append((self.taken, item_id, text))
+                    self.taken += 1
+                    if len(self.pending) == 1:
+                        self.cond.notify_all()
+        except BaseException as exc:  # the caller's iterable failed: end the stream
+            self.input_error = exc
+        with self.cond:
+            self.input_done = True
+            self.cond.notify_all()
+
+    # --- sub-streams -----------------------------------------------------------------------
+
+    def _take(self) -> _Chunk:
+        """(lock held) A message from the pending items: what is there, up to the limits."""
+        chunk = _Chunk([], [], [])
+        chars = 0
+        pending = self.pending
+        while pending and len(chunk.ids) < self.max_items:
+            if chunk.ids and chars + len(pending[0][2]) > self.max_chars:
+                break
+            index, item_id, text = pending.popleft()
+            chunk.indices.append(index)
+            chunk.ids.append(item_id)
+            chunk.texts.append(text)
+            chars += len(text)
+        return chunk
+
+    def _has_room(self, sub: _Sub) -> bool:
+        """A full message more stays within the sub-stream's share of the window."""
+        return sub.items == 0 or sub.items + self.max_items <= self.window
+
+    def _no_more_work(self) -> bool:
+        return self.input_done and not self.pending and not self.retry
+
+    def _requests(self, sub: _Sub) -> Iterator[pb.EmbedStreamRequest]:
+        while True:
+            with self.cond:
+                while True:
+                    if self.finished or self.fatal is not None or sub.closing or sub.broken:
+                        return
+                    if self._has_room(sub) and (self.retry or self.pending):
+                        break
+                    if self._no_more_work():
+                        return  # half-close: the replica answers what it has, then ends
+                    self.cond.wait()
+                chunk = self.retry.popleft() if self.retry else self._take()
+                sub.unanswered.append(chunk)
+                sub.items += len(chunk.ids)
+                request = pb.EmbedStreamRequest(ids=chunk.ids, texts=chunk.texts)
+                if sub.first:  # model and options are sticky for the rest of the stream
+                    sub.first = False
+                    request.model = self.model
+                    request.options.CopyFrom(self.options)
+            yield request
+
+    def _requeue(self, sub: _Sub) -> int:
+        """(lock held) Everything `sub` sent and had no answer for goes to the retry queue,
+        in order, ahead of what is there (it is older)."""
+        chunks = list(sub.unanswered)
+        sub.unanswered.clear()
+        sub.items = 0
+        items = sum(len(c.ids) for c in chunks)
+        for chunk in reversed(chunks):
+            chunk.attempt += 1
+            self.retry.appendleft(chunk)
+        if items:
+            self.counters.add(resent_items=items, resent_messages=len(chunks))
+        self.cond.notify_all()
+        return items
+
+    def _answer(self, sub: _Sub, response: pb.EmbedStreamResponse) -> None:
+        from .client import EmbedClientError, Space, decode_stream_results
+
+        with self.cond:
+            if not sub.unanswered:
+                raise EmbedClientError(
+                    grpc.StatusCode.INTERNAL, "a replica answered a message that was not sent"
+                )
+            chunk = sub.unanswered.popleft()
+            sub.items -= len(chunk.ids)
+            if list(response.ids) != chunk.ids:
+                raise EmbedClientError(
+                    grpc.StatusCode.INTERNAL,
+                    f"a replica answered ids {list(response.ids)[:3]}... for a message "
+                    f"of {chunk.ids[:3]}...",
+                )
+            if response.HasField("space"):
+                sub.space = Space.from_proto(response.space)
+            results = decode_stream_results(response, sub.space)
+            again = _Chunk([], [], [], chunk.attempt + 1)
+            for position, result in enumerate(results):
+                error = result.error
+                if (
+                    error is not None
+                    and error.code == grpc.StatusCode.UNAVAILABLE
+                    and chunk.attempt < self.max_attempts
+                ):
+                    again.indices.append(chunk.indices[position])
+                    again.ids.append(chunk.ids[position])
+                    again.texts.append(chunk.texts[position])
+                    continue
+                index = chunk.indices[position]
+                if index >= self.next_out and index not in self.done:
+                    self.done[index] = result
+            if again.ids:
+                # The replica is draining (or cannot compute): this sub-stream sends it
+                # nothing more and reopens on another replica.
+                self.retry.append(again)
+                sub.closing = True
+                self.counters.add(
+                    drained_items=len(again.ids), resent_items=len(again.ids), resent_messages=1
+                )
+            self.cond.notify_all()
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def _worker(self, n: int) -> None:
+        from .client import EmbedClientError
+
+        failures = 0
+        last = ""
+        try:
+            # Stagger the first opens a little so that round_robin has every replica's
+            # connection ready and puts each sub-stream on a different one.
+            if n:
+                time.sleep(min(0.2, 0.02 * n))
+            while True:
+                with self.cond:
+                    if self.finished or self.fatal is not None:
+                        return
+                    if self._no_more_work():
+                        return  # nothing left to send: do not open an idle stream
+                    sub = _Sub()
+                    self.subs.append(sub)
+                try:
+                    call = self.stub.EmbedStream(self._requests(sub), timeout=self._remaining())
+                    with self.cond:
+                        sub.call = call
+                        if self.finished:
+                            call.cancel()
+                    self.counters.add(streams_opened=1)
+                    for response in call:
+                        failures = 0
+                        self._answer(sub, response)
+                    with self.cond:
+                        if sub.unanswered:  # ended with OK but items unanswered
+                            self._requeue(sub)
+                            continue
+                        if sub.closing:
+                            continue  # drained replica: go on elsewhere
+                        if self._no_more_work():
+                            return
+                except grpc.RpcError as error:
+                    code = error.code()
+                    with self.cond:
+                        sub.broken = True
+                        self.cond.notify_all()
+                        if self.finished:
+                            return
+                        if code not in FAILOVER_CODES:
+                            self.fatal = EmbedClientError.from_rpc_error(error)
+                            return
+                        self._requeue(sub)
+                        self.counters.add(streams_broken=1)
+                        failures += 1
+                        last = f"{code.name}: {error.details()}"
+                        if failures >= self.max_attempts:
+                            self.fatal = EmbedClientError(
+                                grpc.StatusCode.UNAVAILABLE,
+                                f"no replica answered the stream after {failures} attempts "
+                                f"(last: {last}); {self.taken - self.next_out} items "
+                                "unanswered: check that the pool's replicas are up and "
+                                "SERVING",
+                            )
+                            return
+                        self.cond.wait(min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (failures - 1)))
+                except EmbedClientError as error:
+                    with self.cond:
+                        self.fatal = error
+                        return
+        finally:
+            with self.cond:
+                self.live_workers -= 1
+                self.cond.notify_all()
