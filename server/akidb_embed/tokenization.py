@@ -39,6 +39,10 @@ class TokenizedText:
 CHARS_PER_TOKEN_BOUND = 16
 
 
+# Groups up to this size are tokenised text by text.
+SMALL_GROUP = 4
+
+
 @dataclass(frozen=True)
 class TokenBatch:
     """Several texts' token ids, packed: text i is `ids[offsets[i]:offsets[i+1]]`."""
@@ -129,6 +133,14 @@ class TextTokenizer:
         space = text.rfind(" ", chars - slack, chars)
         return text[: space if space >= 0 else chars]
 
+    @staticmethod
+    def _encode_cuts(tokenizer: Tokenizer, texts: list[str]) -> list[Encoding]:
+        """A few texts one by one (the batch call wakes a thread pool, which costs more than
+        a query's text), more with the batch call."""
+        if len(texts) <= SMALL_GROUP:
+            return [tokenizer.encode(text) for text in texts]
+        return tokenizer.encode_batch_fast(texts)
+
     def _encode_all(self, texts: Sequence[str], policy: Truncation) -> list[Encoding]:
         """Each text's encoding, truncated to max_tokens, tokenising only cuts of long texts
         (a cut that overflows the window has the same first/last max_tokens tokens as the
@@ -138,7 +150,7 @@ class TextTokenizer:
         ]
         chars = self._cut_chars
         cuts = [self._cut(t, chars, policy) for t in texts]
-        encodings = tokenizer.encode_batch_fast(cuts)
+        encodings = self._encode_cuts(tokenizer, cuts)
         # Cut texts whose cut holds too few tokens (e.g. long runs of spaces): widen them.
         retry = [i for i, t in enumerate(texts) if len(cuts[i]) < len(t)]
         while retry:
@@ -147,7 +159,7 @@ class TextTokenizer:
                 break
             chars *= 4
             wider = [self._cut(texts[i], chars, policy) for i in retry]
-            for i, enc in zip(retry, tokenizer.encode_batch_fast(wider), strict=True):
+            for i, enc in zip(retry, self._encode_cuts(tokenizer, wider), strict=True):
                 encodings[i] = enc
             retry = [i for i, w in zip(retry, wider, strict=True) if len(w) < len(texts[i])]
         return encodings
