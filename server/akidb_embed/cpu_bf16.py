@@ -28,13 +28,22 @@ def extension() -> ModuleType | None:
     global _module, _error
     if _module is None and _error is None:
         try:
-            _module = importlib.import_module("akidb_embed._bf16")
+            module = importlib.import_module("akidb_embed._bf16")
         except ImportError as exc:
             _error = (
                 f"the bf16 extension is not built ({BUILD_HINT})"
                 if "_bf16" in str(exc) and "No module" in str(exc)
                 else f"the bf16 extension does not load: {exc}"
             )
+            return None
+        built_for, running = str(module.mlx_version()), str(getattr(mx, "__version__", ""))
+        if built_for != running:
+            _error = (
+                f"the bf16 extension was built for mlx {built_for}, this is mlx "
+                f"{running}: rebuild it with `make native`"
+            )
+        else:
+            _module = module
     return _module
 
 

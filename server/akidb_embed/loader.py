@@ -13,12 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from tokenizers import Tokenizer
 
+from . import cpu_bf16
+from .blas import openblas_threads
 from .engine import EmbeddingEngine, ModelProfile
 from .errors import ModelLoadError
 from .models import architecture_module
 from .models.base import Pooling
-from . import cpu_bf16
-from .blas import openblas_threads
 from .precision import (
     CPU_PRECISION_ENV,
     CpuPrecision,

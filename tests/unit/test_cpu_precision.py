@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from akidb_embed import cli, cpu_bf16
@@ -88,3 +92,20 @@ def test_serve_accepts_cpu_precision() -> None:
     assert cli.build_parser().parse_args(["serve"]).cpu_precision is None
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--cpu-precision", "fp16"])
+
+
+def test_native_build_skips_cleanly_without_its_tools(tmp_path: Path) -> None:
+    """`make setup` on a machine without mlx/CMake/oneDNN: exit 0, say why, build nothing."""
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        ["bash", "scripts/build-native.sh"],
+        cwd=repo,
+        env={**os.environ, "PY": "/bin/false", "BUILD_DIR": str(tmp_path / "build")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "bf16 extension: not built" in done.stderr
+    assert "the CPU engine stays fp32" in done.stderr
+    assert not (tmp_path / "build").exists()
