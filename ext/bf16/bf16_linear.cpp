@@ -12,6 +12,7 @@
 //   set_threads(n)               threads for the matmuls (OpenMP builds of oneDNN)
 //   PackedLinear(weight, bias)   weight (out, in) float array, bias (out,) or None
 //   linear(x, packed) -> array   x (..., in) -> (..., out), float32
+//   plan_count() -> int          matmul shapes planned (shared across layers)
 
 #include <dnnl.hpp>
 #include <nanobind/nanobind.h>
@@ -24,11 +25,13 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -122,6 +125,60 @@ int64_t bucket_rows(int64_t m) {
   return (m + step - 1) / step * step;
 }
 
+// A planned matmul for one (rows, in, out, bias) shape. A oneDNN primitive holds no data, so
+// every layer of that shape shares it (each plan costs ~90 KB of generated code).
+struct Plan {
+  dnnl::memory::desc src_md, dst_md, weights_md;
+  dnnl::matmul matmul;
+};
+
+using PlanKey = std::tuple<int64_t, int64_t, int64_t, bool>;
+std::mutex g_plans_mutex;
+std::map<PlanKey, std::shared_ptr<Plan>> g_plans;
+
+dnnl::memory::desc bias_md(int64_t out) { return dnnl::memory::desc({1, out}, dt::f32, tag::ab); }
+
+dnnl::matmul::primitive_desc make_pd(int64_t rows, int64_t in, int64_t out, bool bias,
+                                     const dnnl::memory::desc& weights_md) {
+  dnnl::memory::desc src_md({rows, in}, dt::bf16, tag::ab);
+  dnnl::memory::desc dst_md({rows, out}, dt::f32, tag::ab);
+#if DNNL_VERSION_MAJOR >= 3
+  if (bias) return {cpu_engine(), src_md, weights_md, bias_md(out), dst_md};
+  return {cpu_engine(), src_md, weights_md, dst_md};
+#else
+  if (bias) return {dnnl::matmul::desc(src_md, weights_md, bias_md(out), dst_md), cpu_engine()};
+  return {dnnl::matmul::desc(src_md, weights_md, dst_md), cpu_engine()};
+#endif
+}
+
+// The plan for this shape; `packed_md` is the layout the caller's weight is packed in, which
+// the plan takes when its kernel accepts it.
+std::shared_ptr<Plan> plan_for(int64_t rows, int64_t in, int64_t out, bool bias,
+                               const dnnl::memory::desc& packed_md) {
+  PlanKey key{rows, in, out, bias};
+  std::lock_guard<std::mutex> lock(g_plans_mutex);
+  auto it = g_plans.find(key);
+  if (it != g_plans.end()) return it->second;
+  dnnl::memory::desc any({in, out}, dt::bf16, tag::any);
+  auto pd = make_pd(rows, in, out, bias, any);
+  if (pd.weights_desc() != packed_md) {
+    try {
+      pd = make_pd(rows, in, out, bias, packed_md);
+    } catch (const dnnl::error&) {
+      // Keep the kernel's own layout: layers reorder their weight to it once (below).
+    }
+  }
+  auto plan = std::make_shared<Plan>(Plan{pd.src_desc(), pd.dst_desc(), pd.weights_desc(),
+                                          dnnl::matmul(pd)});
+  g_plans.emplace(key, plan);
+  return plan;
+}
+
+size_t plan_count() {
+  std::lock_guard<std::mutex> lock(g_plans_mutex);
+  return g_plans.size();
+}
+
 class PackedLinear {
  public:
   PackedLinear(mx::array weight, std::optional<mx::array> bias) {
@@ -141,7 +198,8 @@ class PackedLinear {
     }
     // W (out, in) row-major is the (in, out) weights matrix in "ba" order.
     dnnl::memory::desc user_md({in_, out_}, dt::bf16, tag::ba);
-    packed_md_ = weights_desc_for(256);
+    dnnl::memory::desc any({in_, out_}, dt::bf16, tag::any);
+    packed_md_ = make_pd(256, in_, out_, has_bias(), any).weights_desc();
     packed_ = dnnl::memory(packed_md_, cpu_engine());
     dnnl::memory user(user_md, cpu_engine(), plain.data());
     dnnl::stream s(cpu_engine());
@@ -152,16 +210,18 @@ class PackedLinear {
   int64_t in_features() const { return in_; }
   int64_t out_features() const { return out_; }
   bool has_bias() const { return !bias_.empty(); }
-  size_t nbytes() const { return packed_md_.get_size() + bias_.size() * sizeof(float); }
-  size_t shapes() {
+  size_t nbytes() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return plans_.size();
+    size_t total = packed_md_.get_size() + bias_.size() * sizeof(float);
+    for (auto& [md, mem] : relaid_) total += md.get_size();
+    return total;
   }
 
   // y (m, out) = x (m, in) @ W.T + b; `y` has room for bucket_rows(m) rows.
   void run(const float* x, float* y, int64_t m) {
     int64_t rows = bucket_rows(m);
-    Plan& plan = plan_for(rows);
+    std::shared_ptr<Plan> plan = plan_for(rows, in_, out_, has_bias(), packed_md_);
+    dnnl::memory weights = weights_for(plan->weights_md);
     thread_local std::vector<uint16_t> scratch;
     size_t need = static_cast<size_t>(rows * in_);
     if (scratch.size() < need) scratch.resize(need);
@@ -170,65 +230,33 @@ class PackedLinear {
       std::memset(scratch.data() + m * in_, 0, (rows - m) * in_ * sizeof(uint16_t));
     }
     apply_threads();
-    dnnl::memory src(plan.src_md, cpu_engine(), scratch.data());
-    dnnl::memory dst(plan.dst_md, cpu_engine(), y);
+    dnnl::memory src(plan->src_md, cpu_engine(), scratch.data());
+    dnnl::memory dst(plan->dst_md, cpu_engine(), y);
     std::unordered_map<int, dnnl::memory> args{
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, plan.weights}, {DNNL_ARG_DST, dst}};
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}};
     if (has_bias()) {
-      args.emplace(DNNL_ARG_BIAS, dnnl::memory(bias_md(), cpu_engine(), bias_.data()));
+      args.emplace(DNNL_ARG_BIAS, dnnl::memory(bias_md(out_), cpu_engine(), bias_.data()));
     }
     thread_local std::unique_ptr<dnnl::stream> stream;
     if (!stream) stream = std::make_unique<dnnl::stream>(cpu_engine());
-    plan.matmul.execute(*stream, args);
+    plan->matmul.execute(*stream, args);
     stream->wait();
   }
 
  private:
-  struct Plan {
-    dnnl::memory::desc src_md, dst_md;
-    dnnl::matmul matmul;
-    dnnl::memory weights;
-  };
-
-  dnnl::memory::desc bias_md() const { return dnnl::memory::desc({1, out_}, dt::f32, tag::ab); }
-
-  dnnl::matmul::primitive_desc make_pd(int64_t rows, const dnnl::memory::desc& weights_md) const {
-    dnnl::memory::desc src_md({rows, in_}, dt::bf16, tag::ab);
-    dnnl::memory::desc dst_md({rows, out_}, dt::f32, tag::ab);
-#if DNNL_VERSION_MAJOR >= 3
-    if (has_bias()) return {cpu_engine(), src_md, weights_md, bias_md(), dst_md};
-    return {cpu_engine(), src_md, weights_md, dst_md};
-#else
-    if (has_bias()) return {dnnl::matmul::desc(src_md, weights_md, bias_md(), dst_md), cpu_engine()};
-    return {dnnl::matmul::desc(src_md, weights_md, dst_md), cpu_engine()};
-#endif
-  }
-
-  dnnl::memory::desc weights_desc_for(int64_t rows) const {
-    dnnl::memory::desc any({in_, out_}, dt::bf16, tag::any);
-    return make_pd(rows, any).weights_desc();
-  }
-
-  Plan& plan_for(int64_t rows) {
+  // The weight in `md`: the packed one, or (rarely) a copy relaid once for another kernel.
+  dnnl::memory weights_for(const dnnl::memory::desc& md) {
+    if (md == packed_md_) return packed_;
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = plans_.find(rows);
-    if (it != plans_.end()) return it->second;
-    dnnl::memory::desc any({in_, out_}, dt::bf16, tag::any);
-    auto pd = make_pd(rows, any);
-    dnnl::memory weights = packed_;
-    if (pd.weights_desc() != packed_md_) {
-      // This shape's kernel wants another blocking: prefer the packed one if it takes it.
-      try {
-        pd = make_pd(rows, packed_md_);
-      } catch (const dnnl::error&) {
-        weights = dnnl::memory(pd.weights_desc(), cpu_engine());
-        dnnl::stream s(cpu_engine());
-        dnnl::reorder(packed_, weights).execute(s, packed_, weights);
-        s.wait();
-      }
+    for (auto& [have, mem] : relaid_) {
+      if (have == md) return mem;
     }
-    Plan plan{pd.src_desc(), pd.dst_desc(), dnnl::matmul(pd), weights};
-    return plans_.emplace(rows, std::move(plan)).first->second;
+    dnnl::memory mem(md, cpu_engine());
+    dnnl::stream s(cpu_engine());
+    dnnl::reorder(packed_, mem).execute(s, packed_, mem);
+    s.wait();
+    relaid_.emplace_back(md, mem);
+    return mem;
   }
 
   int64_t in_ = 0, out_ = 0;
@@ -236,7 +264,7 @@ class PackedLinear {
   dnnl::memory::desc packed_md_;
   dnnl::memory packed_;
   std::mutex mutex_;
-  std::unordered_map<int64_t, Plan> plans_;
+  std::vector<std::pair<dnnl::memory::desc, dnnl::memory>> relaid_;
 };
 
 // ---- The MLX primitive -------------------------------------------------------------------
@@ -335,7 +363,7 @@ NB_MODULE(_bf16, m) {
       .def_prop_ro("in_features", &PackedLinear::in_features)
       .def_prop_ro("out_features", &PackedLinear::out_features)
       .def_prop_ro("has_bias", &PackedLinear::has_bias)
-      .def_prop_ro("nbytes", &PackedLinear::nbytes)
-      .def("shapes", &PackedLinear::shapes, "matmul shapes planned so far");
+      .def_prop_ro("nbytes", &PackedLinear::nbytes);
+  m.def("plan_count", &plan_count, "matmul shapes planned so far, shared by all layers");
   m.def("linear", &linear, "x"_a, "packed"_a, "x @ weight.T + bias in bf16 (fp32 in and out)");
 }

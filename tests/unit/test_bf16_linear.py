@@ -91,6 +91,22 @@ def test_rows_are_independent_of_the_batch() -> None:
         np.testing.assert_allclose(part, full[:rows], rtol=0, atol=1e-5)
 
 
+def test_layers_of_one_shape_share_their_matmul_plans() -> None:
+    """Plans hold generated code (~90 KB each), not data: one per shape, not per layer."""
+    assert ext is not None
+    x = mx.random.normal((45, 72), key=mx.random.key(9))
+    first = ext.PackedLinear(mx.random.normal((40, 72), key=mx.random.key(10)), None)
+    mx.eval(ext.linear(x, first))
+    planned = ext.plan_count()
+    second = ext.PackedLinear(mx.random.normal((40, 72), key=mx.random.key(11)), None)
+    a, b = ext.linear(x, first), ext.linear(x, second)
+    mx.eval(a, b)
+    assert ext.plan_count() == planned
+    assert not np.allclose(np.array(a), np.array(b))  # each layer still uses its own weight
+    mx.eval(ext.linear(x[:44], second))  # 44 and 45 rows share a row bucket
+    assert ext.plan_count() == planned
+
+
 def test_empty_input_and_wrong_width() -> None:
     assert ext is not None
     packed = ext.PackedLinear(mx.ones((4, 8)), None)
