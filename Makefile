@@ -46,8 +46,8 @@ PROTO_SRC := proto/akidb/embedding/v1/embedding_service.proto
 PROTO_OUT := clients/python
 PACKAGING := pyproject.toml clients/python/pyproject.toml build_support/akidb_build.py
 
-.PHONY: setup setup-run system-deps setup-reference proto proto-check lint typecheck run test \
-  test-fast bench bench-replicas clean image image-check
+.PHONY: setup setup-run system-deps native setup-reference proto proto-check lint typecheck run \
+  test test-fast bench bench-replicas clean image image-check
 
 setup: $(SETUP_STAMP)
 setup-run: $(RUN_STAMP)
@@ -65,6 +65,7 @@ $(RUN_STAMP): $(PACKAGING)
 	@echo "==> installing akidb-embed, its client, MLX ($(MLX_BACKEND)) and the default model into $(VENV)"
 	@echo "    (first time: a few minutes and a few hundred MB of downloads)"
 	@$(INSTALL) "$(RUN_REQ)"
+	@$(MAKE) --no-print-directory native
 	@touch $@
 
 # Everything `make test` needs on top: linters, mypy, pytest, the stub generator.
@@ -72,6 +73,13 @@ $(SETUP_STAMP): $(RUN_STAMP)
 	@echo "==> installing the development tools into $(VENV)"
 	@$(INSTALL) "$(DEV_REQ)"
 	@touch $@
+
+# The bf16 linear layer for CPUs with AVX512-BF16 or AMX (ext/bf16, docs/precision-cpu.md),
+# built against the mlx wheel's CMake config. Never fails: without a compiler, CMake or
+# oneDNN it says why, and the CPU engine stays fp32.
+native:
+	@$(PIP) install --quiet --no-input "nanobind==3.1.0"
+	@PY=$(PY) bash scripts/build-native.sh
 
 # torch (CPU build), sentence-transformers and transformers: the reference the
 # parity tests and the benchmark compare against.
@@ -122,7 +130,7 @@ bench-replicas: $(SETUP_STAMP)
 	$(WITH_BLAS) $(PY) -m bench --replicas $(REPLICAS) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info server/akidb_embed/_bf16*.so
 
 # --- Container image -----------------------------------------------------------
 # The Dockerfile's steps live in scripts/image-install.sh; image-check runs the same steps in

@@ -83,6 +83,9 @@ def machine() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     ensure_fast_blas()  # may re-execute this process with OpenBLAS preloaded
     args = parse_args(argv)
+    # The main rows measure the fp32 path (parity with sentence-transformers fp32 to 1e-6);
+    # the bf16 rows ask for bf16 themselves. Children inherit this.
+    os.environ.setdefault("AKIDB_EMBED_CPU_PRECISION", "fp32")
     if args.replicas:
         from . import corpus, replicas
 
@@ -217,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "texts_per_second": rate,
             }
 
+        from . import bf16  # the bf16 CPU path beside fp32, same run (docs/precision-cpu.md)
+
+        results["bf16"] = bf16.measure(args, passages, workdir, ref.embeddings, server_args, log)
+
         log.step("serving ceiling: a 1-layer, 32-wide model (compute ~nil), short texts")
         narrow = ceiling.build_narrow_model(model_dir, workdir / "narrow")
         short = short_texts(passages, args.ceiling_items)
@@ -265,5 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(report.table(results))
+    print(bf16.table(results["bf16"]))
     print(f"\nwrote {args.out}")
     return 0

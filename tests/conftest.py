@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from akidb_embed.precision import CPU_PRECISION_ENV
 from akidb_embed.server import EmbeddingServer, ServerConfig
+
+# The suite's parity bounds are fp32 ones; on CPUs with bf16 instructions `auto` would pick
+# bf16 linears. The bf16 path has its own tests (tests/*/test_bf16*.py), which ask for it.
+os.environ.setdefault(CPU_PRECISION_ENV, "fp32")
 
 
 class ServerThread:

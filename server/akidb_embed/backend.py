@@ -13,9 +13,20 @@ def describe_backend() -> str:
     cuda = getattr(mx, "cuda", None)
     if cuda is not None and cuda.is_available():
         return "gpu (cuda)"
-    return f"cpu ({blas_name()})"
+    return f"cpu ({blas_name()}; {cpu_precision()})"
 
 
 def blas_name() -> str:
     """The BLAS MLX's CPU matmuls go through, and its kernels (see blas.py)."""
     return describe_cpu_blas()
+
+
+def cpu_precision() -> str:
+    """What the CPU engine's linear layers compute in (precision.py), e.g. "fp32 (...)"."""
+    from .errors import ModelLoadError
+    from .precision import resolve_cpu_path
+
+    try:
+        return resolve_cpu_path().describe()
+    except ModelLoadError as exc:
+        return f"unavailable: {exc}"

@@ -175,6 +175,17 @@ def set_openblas_threads(threads: int) -> bool:
     return True
 
 
+def openblas_threads() -> int | None:
+    """The loaded OpenBLAS's thread count; None without one."""
+    library = mlx_openblas()
+    if library is None:
+        return None
+    try:
+        return int(ctypes.CDLL(library).openblas_get_num_threads())
+    except (OSError, AttributeError):
+        return None
+
+
 def run_with_fast_blas(command: Sequence[str]) -> None:
     """exec `command` with OpenBLAS preloaded when it is installed (Linux)."""
     env = dict(os.environ)

@@ -22,6 +22,7 @@ from .blas import ensure_fast_blas, mlx_uses_gpu
 from .http_api import ApiKeyError, load_api_keys
 from .logs import configure_logging
 from .model_cache import human_size
+from .precision import CPU_PRECISION_ENV
 from .pulls import PullLimits
 from .registry import DEFAULT_MODEL
 from .residency import ModelBudget
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="items of one stream in flight; past it the server stops reading the stream",
     )
     limits.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
+    serve.add_argument(
+        "--cpu-precision",
+        choices=["auto", "fp32", "bf16"],
+        help="CPU engine: bf16 linear layers where the CPU has AVX512-BF16 or AMX (auto, the "
+        "default), or fp32 always; sets $AKIDB_EMBED_CPU_PRECISION (docs/precision-cpu.md)",
+    )
     memory = serve.add_argument_group("models in memory")
     memory.add_argument("--max-loaded-models", type=int, default=0, help="0: no limit")
     memory.add_argument("--max-loaded-mb", type=int, default=0, help="0: no limit")
@@ -351,6 +358,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # First: on Linux CPU this may re-execute the process with OpenBLAS preloaded.
     ensure_fast_blas()
     configure_logging(args.log_level, args.log_format)
+    if args.cpu_precision:  # before engine workers spawn: they inherit the environment
+        os.environ[CPU_PRECISION_ENV] = args.cpu_precision
     on_gpu = mlx_uses_gpu()
     if args.no_socket and args.port is None:
         return fail("--no-socket needs --port")

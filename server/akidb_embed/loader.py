@@ -13,11 +13,22 @@ import mlx.core as mx
 import mlx.nn as nn
 from tokenizers import Tokenizer
 
+from . import cpu_bf16
+from .blas import openblas_threads
 from .engine import EmbeddingEngine, ModelProfile
 from .errors import ModelLoadError
 from .models import architecture_module
 from .models.base import Pooling
-from .precision import PrecisionPolicy, apply_precision, dequantize_linears, running_on_cpu
+from .precision import (
+    CPU_PRECISION_ENV,
+    CpuPrecision,
+    PrecisionPolicy,
+    apply_precision,
+    dequantize_linears,
+    log_cpu_path,
+    resolve_cpu_path,
+    running_on_cpu,
+)
 from .quantization import quantize_like
 from .tokenization import TextTokenizer
 
@@ -204,7 +215,8 @@ def dense_head(
 def parameter_bytes(module: nn.Module) -> int:
     from mlx.utils import tree_flatten
 
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+    arrays = sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+    return arrays + cpu_bf16.packed_bytes(module)
 
 
 def load_engine(
@@ -214,10 +226,12 @@ def load_engine(
     source: str,
     revision: str,
     precision: PrecisionPolicy | None = None,
+    cpu_precision: CpuPrecision | None = None,
 ) -> EmbeddingEngine:
     """Load a model directory. Raises ModelLoadError with a message a person can act on.
 
-    `precision` defaults to the AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST environment.
+    `precision` defaults to the AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST environment,
+    `cpu_precision` to AKIDB_EMBED_CPU_PRECISION (precision.py).
     """
     if not (model_dir / "config.json").exists():
         raise ModelLoadError(f"{model_dir} has no config.json; it is not a model directory")
@@ -242,11 +256,21 @@ def load_engine(
             f"weights in {model_dir} do not fit a {model_type} model: {exc}"
         ) from exc
     del raw_weights, weights
+    on_cpu = running_on_cpu()
+    cpu_path = None
+    if on_cpu:
+        env = None if cpu_precision is None else {CPU_PRECISION_ENV: cpu_precision.value}
+        cpu_path = resolve_cpu_path(env)
+        log_cpu_path(cpu_path)
+        if cpu_path.bf16:
+            # As many matmul threads as this process gives OpenBLAS (1 in engine workers).
+            cpu_bf16.set_threads(openblas_threads() or 1)
     dtype = apply_precision(
         model,
         precision or PrecisionPolicy.from_env(),
-        on_cpu=running_on_cpu(),
+        on_cpu=on_cpu,
         keep_embedding_tables=bool(getattr(arch, "CASTS_EMBEDDING_LOOKUPS", False)),
+        cpu_path=cpu_path,
     )
     model.eval()
     mx.eval(model.parameters())

@@ -124,6 +124,8 @@ class Intermediate(nn.Module):
         self.act = _ACTIVATIONS[args.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
+        if not isinstance(self.dense, nn.Linear):  # e.g. a bf16 layer (cpu_bf16.py)
+            return self.act(self.dense(x))
         # Not nn.Linear's addmm: on CPU it fills the wide output with the broadcast bias
         # first, slowly (+50% on this matmul); an add after the product is ~0.5 ns a value.
         return self.act((x @ self.dense.weight.T) + self.dense.bias)
