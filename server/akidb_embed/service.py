@@ -19,6 +19,8 @@ import numpy as np
 
 from . import __version__
 from .batching import ComputeWorker, GroupOutput
+from . import model_records
+from .encodings import encode
 from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, finish_batch
 from .errors import (
     EmbedError,
@@ -67,7 +69,9 @@ class EmbedResult:
 
     model: str
     space: EmbeddingSpace
-    vectors: np.ndarray  # float32 (N, dimensions), C-contiguous: sent as one buffer
+    # (N, dimensions) float32 by default; rows in `space.encoding` (e.g. int8, or packed
+    # bits for binary: N x ceil(dimensions / 8)), C-contiguous: sent as one buffer.
+    vectors: np.ndarray
     token_counts: list[int]
     truncated: list[bool]
 
@@ -83,7 +87,7 @@ class GroupResult:
 
     size: int
     space: EmbeddingSpace | None
-    vectors: np.ndarray
+    vectors: np.ndarray  # rows in space.encoding, as EmbedResult.vectors
     token_counts: list[int]
     truncated: list[bool]
     errors: list[tuple[int, EmbedError]]
@@ -124,6 +128,7 @@ class EmbeddingService:
         # True once the preloaded models are warm (the server flips it).
         self.ready = False
         self._loading: dict[str, asyncio.Future[EmbeddingEngine]] = {}
+        self._calibrating: dict[str, asyncio.Future[None]] = {}
         self._failed: dict[str, str] = {}
         # Models that produced non-finite vectors: refused until restart, with the reason.
         self._refused: dict[str, str] = {}
@@ -209,6 +214,8 @@ class EmbeddingService:
                 located.directory, name=entry.name, source=entry.source, revision=located.revision
             )
             engine.warm_up()  # compiles kernels; refuses weights that give NaN/inf
+            # Compares the probe vectors with the record (refusing a drift), calibrates.
+            engine.records_folder = model_records.prepare(engine, located.directory)
             return engine
 
         try:
@@ -308,6 +315,39 @@ class EmbeddingService:
                 asyncio.get_running_loop().create_task(self.unload(engine.name))
         return finite
 
+    async def _calibrated(self, engine: EmbeddingEngine, options: EmbedOptions) -> None:
+        """int8/uint8 need the model's calibration: computed once, on the compute thread,
+        on the first request that asks (later loads read it from the records folder)."""
+        folder = engine.records_folder
+        if not options.encoding.needs_ranges or engine.calibration is not None or folder is None:
+            return
+        pending = self._calibrating.get(engine.name)
+        if pending is None:
+
+            def calibrate() -> None:
+                if engine.calibration is None:
+                    engine.calibration = model_records.load_calibration(engine, folder)
+
+            log.info("calibrating model %s for int8/uint8", engine.name)
+            pending = asyncio.wrap_future(self.worker.call(calibrate))
+            self._calibrating[engine.name] = pending
+            pending.add_done_callback(lambda _: self._calibrating.pop(engine.name, None))
+        try:
+            await asyncio.shield(pending)
+        except EmbedError:
+            raise
+        except Exception as exc:
+            raise as_embed_error(exc) from exc
+
+    def _encode(
+        self, engine: EmbeddingEngine, vectors: np.ndarray, options: EmbedOptions
+    ) -> np.ndarray:
+        """The finished rows in the requested encoding, all at once."""
+        encoding = options.encoding
+        if not encoding.needs_ranges:
+            return encode(vectors, encoding)
+        return encode(vectors, encoding, engine.ranges(vectors.shape[1], options.normalize))
+
     async def embed(self, model: str, texts: Sequence[str], options: EmbedOptions) -> EmbedResult:
         """Embed a batch; any bad text fails the whole call with an error naming it."""
         self._check_accepting()
@@ -326,6 +366,7 @@ class EmbeddingService:
     async def _embed(
         self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
     ) -> EmbedResult:
+        await self._calibrated(engine, options)
         space = engine.space(options)
         tokens = await self._tokenize(engine, texts, options)
         if tokens.too_long:
@@ -346,7 +387,7 @@ class EmbeddingService:
         return EmbedResult(
             model=engine.name,
             space=space,
-            vectors=vectors,
+            vectors=self._encode(engine, vectors, options),
             token_counts=tokens.lengths.tolist(),
             truncated=tokens.truncated.tolist(),
         )
@@ -365,6 +406,7 @@ class EmbeddingService:
             if isinstance(options, EmbedError):
                 raise options
             engine = await self.engine(model)
+            await self._calibrated(engine, options)
             space = engine.space(options)
             engine.prefix(options)  # an unknown prompt name fails the group here
         except EmbedError as error:
@@ -408,7 +450,7 @@ class EmbeddingService:
         return GroupResult(
             size=size,
             space=space,
-            vectors=vectors,
+            vectors=self._encode(engine, vectors, options),
             token_counts=tokens.lengths[good].tolist(),
             truncated=tokens.truncated[good].tolist(),
             errors=errors,

@@ -26,6 +26,7 @@ class Truncation(Enum):
     ERROR = "error"  # reject texts over the limit
     END = "end"  # keep the start
     START = "start"  # keep the end
+    CHUNK = "chunk"  # split into windows (chunking.py), each embedded
 
 
 @dataclass(frozen=True)
