@@ -44,7 +44,9 @@ class Encoding(Enum):
             return cls(value.lower())
         except ValueError:
             allowed = ", ".join(e.value for e in cls)
-            raise InvalidArgument(f"encoding {value!r} is not known; use one of {allowed}") from None
+            raise InvalidArgument(
+                f"encoding {value!r} is not known; use one of {allowed}"
+            ) from None
 
 
 _DTYPES = {

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .chunking import Chunks
 from .encodings import Encoding, Ranges
 from .errors import InvalidArgument, ModelLoadError, ModelNotAvailable
 from .models.base import EncoderModel, Pooling, pool
@@ -192,6 +193,24 @@ class EmbeddingEngine:
             ranges = Ranges.of(finish_batch(self.calibration, dimensions, normalize), normalize)
             self._ranges[key] = ranges
         return ranges
+
+    def chunk_window(self, options: EmbedOptions) -> int:
+        """Tokens per window under Truncation.CHUNK; raises on a size the model cannot take."""
+        limit = self.profile.max_tokens
+        if options.chunk_tokens > limit:
+            raise InvalidArgument(
+                f"chunk_tokens={options.chunk_tokens} is more than model {self.name!r} takes; "
+                f"use 0 (its maximum, {limit}) or a value up to {limit}"
+            )
+        return options.chunk_tokens or limit
+
+    def tokenize_chunks(
+        self, texts: Sequence[str], options: EmbedOptions
+    ) -> tuple[TokenBatch, Chunks]:
+        """Truncation.CHUNK: one packed row per window, the prompt before each."""
+        return self.tokenizer.encode_chunks(
+            texts, self.prefix(options), self.chunk_window(options), options.chunk_overlap
+        )
 
     def space(self, options: EmbedOptions) -> EmbeddingSpace:
         key = (options.dimensions, options.normalize, options.encoding)

@@ -17,9 +17,9 @@ from enum import Enum
 import mlx.core as mx
 import numpy as np
 
-from . import __version__
+from . import __version__, model_records
 from .batching import ComputeWorker, GroupOutput
-from . import model_records
+from .chunking import Chunks
 from .encodings import encode
 from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, finish_batch
 from .errors import (
@@ -34,7 +34,7 @@ from .loader import load_engine
 from .metrics import Metrics
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
-from .tokenization import TokenBatch
+from .tokenization import TokenBatch, Truncation
 from .workers import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class EmbedResult:
     vectors: np.ndarray
     token_counts: list[int]
     truncated: list[bool]
+    # Truncation.CHUNK: which rows are whose, and each row's window (else None).
+    chunks: Chunks | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -91,6 +93,8 @@ class GroupResult:
     token_counts: list[int]
     truncated: list[bool]
     errors: list[tuple[int, EmbedError]]
+    # Truncation.CHUNK: `chunks.counts` has one entry per text without an error.
+    chunks: Chunks | None = None
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,26 @@ class EmbeddingService:
                 self._tokenizers, engine.tokenize_batch, texts, options
             )
 
+    async def _tokenize_chunks(
+        self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
+    ) -> tuple[TokenBatch, Chunks]:
+        """Truncation.CHUNK: whole texts are tokenised, so off the loop unless small."""
+        with self.metrics.time_tokenize(engine.name):
+            if len(texts) <= self.limits.interactive_max_texts and sum(map(len, texts)) < 8192:
+                return engine.tokenize_chunks(texts, options)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._tokenizers, engine.tokenize_chunks, texts, options
+            )
+
+    def _check_windows(self, windows: int, where: str) -> None:
+        limit = self.limits.max_texts_per_request
+        if windows > limit:
+            raise InvalidArgument(
+                f"{where} gives {windows} chunk windows; the limit is {limit} windows: "
+                "split it, or use a larger chunk_tokens"
+            )
+
     async def _compute(
         self, engine: EmbeddingEngine, tokens: TokenBatch, interactive: bool
     ) -> GroupOutput:
@@ -368,7 +392,12 @@ class EmbeddingService:
     ) -> EmbedResult:
         await self._calibrated(engine, options)
         space = engine.space(options)
-        tokens = await self._tokenize(engine, texts, options)
+        chunks = None
+        if options.truncation is Truncation.CHUNK:
+            tokens, chunks = await self._tokenize_chunks(engine, texts, options)
+            self._check_windows(len(tokens), f"the request's {len(texts)} texts")
+        else:
+            tokens = await self._tokenize(engine, texts, options)
         if tokens.too_long:
             index = min(tokens.too_long)
             raise InvalidArgument(f"texts[{index}] {tokens.too_long[index]}")
@@ -390,6 +419,7 @@ class EmbeddingService:
             vectors=self._encode(engine, vectors, options),
             token_counts=tokens.lengths.tolist(),
             truncated=tokens.truncated.tolist(),
+            chunks=chunks,
         )
 
     async def embed_group(
@@ -424,10 +454,35 @@ class EmbeddingService:
         wanted = texts if len(keep) == size else [texts[i] for i in keep]
         if not wanted:
             return GroupResult(size, space, _EMPTY, [], [], errors)
+        chunks: Chunks | None = None
         async with self._holding_text(sum(map(len, wanted)), wait=True):
             with self.residents.use(engine.name):
-                tokens = await self._tokenize(engine, wanted, options)
                 positions = np.asarray(keep, dtype=np.int64)  # group index of each row
+                if options.truncation is Truncation.CHUNK:
+                    try:
+                        tokens, chunks = await self._tokenize_chunks(engine, wanted, options)
+                    except InvalidArgument as error:
+                        errors += [(i, error) for i in keep]
+                        errors.sort(key=lambda pair: pair[0])
+                        return GroupResult(size, space, _EMPTY, [], [], errors)
+                    positions = positions[chunks.text_of_row]
+                    limit = self.limits.max_texts_per_request
+                    over = np.flatnonzero(chunks.counts > limit)
+                    for i in over.tolist():
+                        message = (
+                            f"text gives {int(chunks.counts[i])} chunk windows; the limit is "
+                            f"{limit} windows a text: split it, or use a larger chunk_tokens"
+                        )
+                        errors.append((keep[i], InvalidArgument(message)))
+                    if len(over):
+                        run = np.flatnonzero(~np.isin(positions, [keep[i] for i in over]))
+                        tokens, positions = tokens.select(run), positions[run]
+                        chunks = chunks.select_rows(run, chunks.counts[chunks.counts <= limit])
+                    if not len(tokens):
+                        errors.sort(key=lambda pair: pair[0])
+                        return GroupResult(size, space, _EMPTY, [], [], errors)
+                else:
+                    tokens = await self._tokenize(engine, wanted, options)
                 if tokens.too_long:
                     for i, message in tokens.too_long.items():
                         errors.append((keep[i], InvalidArgument(f"text {message}")))
@@ -436,17 +491,24 @@ class EmbeddingService:
                 output = await self._compute(engine, tokens, interactive=False)
         vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
         good = self._check_finite(engine, vectors)
-        for row, failure in output.errors.items():
+        failed: dict[int, EmbedError] = {}  # group index -> its first error
+        for row, failure in sorted(output.errors.items()):
             good[row] = False
-            errors.append((int(positions[row]), as_embed_error(failure)))
+            failed.setdefault(int(positions[row]), as_embed_error(failure))
         if not good.all():
             for row in np.flatnonzero(~good).tolist():
-                if row not in output.errors:
-                    errors.append(
-                        (int(positions[row]), ModelNotAvailable(self._refused[engine.name]))
-                    )
+                failed.setdefault(
+                    int(positions[row]), ModelNotAvailable(self._refused[engine.name])
+                )
+            # An item whose window failed fails whole: none of its rows are sent.
+            good &= ~np.isin(positions, list(failed))
             vectors = vectors[good]
+        errors += failed.items()
         errors.sort(key=lambda pair: pair[0])
+        if chunks is not None:
+            kept = np.flatnonzero(good)
+            _, counts = np.unique(positions[kept], return_counts=True)
+            chunks = chunks.select_rows(kept, counts.astype(np.int64))
         return GroupResult(
             size=size,
             space=space,
@@ -454,6 +516,7 @@ class EmbeddingService:
             token_counts=tokens.lengths[good].tolist(),
             truncated=tokens.truncated[good].tolist(),
             errors=errors,
+            chunks=chunks,
         )
 
     def can_serve(self) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
+from .chunking import Chunks
 from .encodings import Encoding, Ranges
 from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, PromptKind
 from .errors import DeadlineExceeded, EmbedError, ErrorKind, InvalidArgument
@@ -123,18 +124,27 @@ def encode_batch(
     token_counts: list[int],
     truncated: list[bool],
     space: EmbeddingSpace | None = None,
+    chunks: Chunks | None = None,
 ) -> pb.EmbeddingBatch:
     """Every row in one buffer, already in its encoding: one copy, whatever the number of
     texts. `dimensions` is the space's (a binary row holds dimensions / 8 bytes)."""
     width = vectors.shape[1] if vectors.ndim == 2 else 0
     encoding = Encoding.FLOAT32 if space is None else space.encoding
-    return pb.EmbeddingBatch(
+    batch = pb.EmbeddingBatch(
         vectors=vectors.tobytes(),
         dimensions=space.dimensions if space is not None and width else width,
         token_counts=token_counts,
         truncated=truncated,
         encoding=ENCODING_PB[encoding],
     )
+    if chunks is not None:
+        batch.chunk_counts.extend(chunks.counts.tolist())
+        batch.chunk_index.extend(chunks.index.tolist())
+        batch.char_start.extend(chunks.char_start.tolist())
+        batch.char_end.extend(chunks.char_end.tolist())
+        batch.byte_start.extend(chunks.byte_start.tolist())
+        batch.byte_end.extend(chunks.byte_end.tolist())
+    return batch
 
 
 def encode_ranges(ranges: Ranges) -> pb.QuantizationRanges:
@@ -226,7 +236,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise AssertionError("unreachable") from error
         return pb.EmbedResponse(
             embeddings=encode_batch(
-                result.vectors, result.token_counts, result.truncated, result.space
+                result.vectors, result.token_counts, result.truncated, result.space, result.chunks
             ),
             space=encode_space(result.space),
             model=result.model,
@@ -306,7 +316,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         response = pb.EmbedStreamResponse(
             ids=ids,
             embeddings=encode_batch(
-                result.vectors, result.token_counts, result.truncated, result.space
+                result.vectors, result.token_counts, result.truncated, result.space, result.chunks
             ),
         )
         space = result.space

@@ -3,6 +3,7 @@
 from .client import (
     DEFAULT_TIMEOUT,
     AsyncEmbedClient,
+    Chunk,
     EmbedClient,
     EmbedClientError,
     EmbedResult,
@@ -10,6 +11,7 @@ from .client import (
     ModelHealth,
     ModelInfo,
     Options,
+    QuantizationRanges,
     ServerLimits,
     Space,
     StreamResult,
@@ -19,6 +21,7 @@ from .client import (
 __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncEmbedClient",
+    "Chunk",
     "EmbedClient",
     "EmbedClientError",
     "EmbedResult",
@@ -26,6 +29,7 @@ __all__ = [
     "ModelHealth",
     "ModelInfo",
     "Options",
+    "QuantizationRanges",
     "ServerLimits",
     "Space",
     "StreamResult",
