@@ -43,10 +43,12 @@ from .model_cache import MANIFEST_DIR, cache_dir
 log = logging.getLogger(__name__)
 
 RECORD_FORMAT = 1
-# With the same key, the probe vectors (L2-normalised) must agree this closely: the same
-# path gives the same bits; a new MLX release that changes results by rounding passes.
+# With the same key, the probe vectors (L2-normalised) must agree this closely. The same
+# path gives the same bits (0 difference); MLX against sentence-transformers differs by
+# about 2e-7 on all-MiniLM-L6-v2, so rounding changes of a new MLX release pass; 24 values
+# of one weight matrix changed by a mantissa bit move the vectors by 9e-5 to 3e-4.
 SELF_CHECK_MIN_COSINE = 0.99999
-SELF_CHECK_MAX_ABS = 1e-4
+SELF_CHECK_MAX_ABS = 2e-5
 # Calibration texts per forward.
 CALIBRATION_BATCH = 32
 
