@@ -10,6 +10,8 @@
 //! ```
 
 mod client;
+/// Typed vectors per encoding, and the windows of chunked texts.
+pub mod encoding;
 pub mod grpc;
 
 /// Message types generated from `proto/akidb/embedding/v1/embedding_service.proto`
