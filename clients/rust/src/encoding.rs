@@ -12,7 +12,7 @@
 //! };
 //! let rows = decode_rows(&batch).unwrap();
 //! assert_eq!(rows.len(), 2);
-//! assert_eq!(rows[0], Vectors::Binary(vec![0]));
+//! assert_eq!(rows[0], Vectors::Binary(vec![-128])); // packed bits 0x00, minus 128
 //! assert!(!rows[0].bits().unwrap().get(0));
 //! ```
 use std::fmt;
