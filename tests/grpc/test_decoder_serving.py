@@ -75,3 +75,18 @@ def test_gemma_prompts_and_fixed_matryoshka_sizes(decoder_server: ServerThread) 
         with pytest.raises(EmbedClientError) as info:
             client.embed(TEXTS, model="tiny-gemma", prompt_name="no-such-prompt")
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_encodings_come_after_matryoshka_truncation(decoder_server: ServerThread) -> None:
+    with EmbedClient(decoder_server.target, timeout=120) as client:
+        small = client.embed(TEXTS, model="tiny-qwen3", dimensions=32).vectors
+        bits = client.embed(TEXTS, model="tiny-qwen3", dimensions=32, encoding="ubinary")
+        assert bits.vectors.shape == (len(TEXTS), 4) and bits.space.dimensions == 32
+        np.testing.assert_array_equal(np.unpackbits(bits.vectors, axis=1).astype(bool), small > 0)
+        int8 = client.embed(TEXTS, model="tiny-qwen3", dimensions=32, encoding="int8")
+        native = client.embed(TEXTS, model="tiny-qwen3", encoding="int8")
+        assert int8.vectors.shape == (len(TEXTS), 32) and int8.vectors.dtype == np.int8
+        assert int8.space.ranges_id and int8.space.ranges_id != native.space.ranges_id
+        assert int8.space.fingerprint != native.space.fingerprint
+        info = next(m for m in client.list_models() if m.name == "tiny-qwen3")
+        assert info.ranges() is not None and info.ranges().id == native.space.ranges_id  # type: ignore[union-attr]
