@@ -734,7 +734,9 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def quantization_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuantizationRanges]:
         """INT8 / UINT8 ranges, for the native dimension and each Matryoshka size, normalised
-        (the default options); set once the model is loaded.
+        (the default options). Set while the model is loaded and calibrated: calibration runs
+        once per model revision and precision, on its first INT8 / UINT8 request, and is cached
+        next to the model, so later loads have the ranges at once.
         """
 
     def __init__(
