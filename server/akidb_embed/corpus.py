@@ -1,4 +1,4 @@
-"""Real text nobody here wrote: docstrings of the Python standard library.
+"""Real text nobody here wrote: docstrings of the Python standard library (PSF License).
 
 Read with `ast` (nothing is imported), split into paragraph passages, some joined with their
 neighbour so lengths vary. The server ships a fixed sample of them (`data/calibration.txt`,
