@@ -83,6 +83,8 @@ def test_stream_items_come_back_encoded(client: EmbedClient) -> None:
     assert got.dtype == np.int8
     np.testing.assert_array_equal(got, expected)
     assert results[0].space is not None and results[0].space.encoding == "binary"
+    int8 = [r.vector for r in client.embed_stream(TEXTS, encoding="int8")]
+    np.testing.assert_array_equal(np.stack(int8), client.embed(TEXTS, encoding="int8").vectors)
 
 
 def test_bad_encoding_and_chunk_options_are_invalid_argument(server: ServerThread) -> None:
