@@ -406,7 +406,8 @@ class EmbeddingService:
                 f"the server has {self.worker.queued_tokens} tokens queued (limit "
                 f"{self.limits.max_queued_tokens}); retry with backoff or use EmbedStream"
             )
-        interactive = len(texts) <= self.limits.interactive_max_texts
+        # Windows count: one long document is bulk work, not a query.
+        interactive = len(tokens) <= self.limits.interactive_max_texts
         output = await self._compute(engine, tokens, interactive)
         if output.errors:
             raise as_embed_error(output.errors[min(output.errors)])
