@@ -100,4 +100,8 @@ def table(r: dict[str, Any]) -> str:
             for w in r["wire"]
         ),
     ]
+    if "encodings" in r:
+        from .encodings import summary
+
+        lines.append(summary(r["encodings"]))
     return "\n".join(lines)

@@ -97,7 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from akidb_embed.registry import bundled_minilm_dir
     from akidb_embed.workers import default_batch_tokens, default_workers
 
-    from . import ceiling, corpus, echo, engine_bench, flops, reference, report, served, wire
+    from . import (
+        ceiling,
+        corpus,
+        echo,
+        encodings,
+        engine_bench,
+        flops,
+        reference,
+        report,
+        served,
+        wire,
+    )
 
     model_dir = bundled_minilm_dir()
     if model_dir is None:
@@ -255,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     log.step("wire: packed bytes vs repeated float")
     results["wire"] = [asdict(wire.measure_wire(d)) for d in (384, 1024)]
+    log.step("encodings: bytes on the wire and encode cost per vector")
+    results["encodings"] = [asdict(c) for c in encodings.measure_encodings(best.embeddings)]
 
     total = flops.bert_matmul_flops(lengths, shape)
     bound_seconds = total / (gemm.gflops * 1e9)

@@ -10,11 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .errors import InvalidArgument, ModelLoadError
+from .chunking import Chunks
+from .encodings import Encoding, Ranges
+from .errors import InvalidArgument, ModelLoadError, ModelNotAvailable
 from .models.base import EncoderModel, Pooling, pool
 from .tokenization import TextTokenizer, TokenBatch, TokenizedText, Truncation, pack
 
@@ -67,6 +70,10 @@ class EmbedOptions:
     truncation: Truncation = Truncation.END
     prompt_kind: PromptKind = PromptKind.NONE
     prompt_value: str = ""
+    encoding: Encoding = Encoding.FLOAT32
+    # Truncation.CHUNK: tokens per window (0: the model's maximum) and shared between windows.
+    chunk_tokens: int = 0
+    chunk_overlap: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,20 +84,24 @@ class EmbeddingSpace:
     pooling: Pooling
     normalized: bool
     dtype: str
+    encoding: Encoding = Encoding.FLOAT32
+    # int8/uint8: the id of the ranges the vectors were quantised with.
+    ranges_id: str = ""
 
     @cached_property
     def fingerprint(self) -> str:
-        key = "|".join(
-            [
-                self.model_id,
-                self.revision,
-                str(self.dimensions),
-                self.pooling.value,
-                str(self.normalized),
-                self.dtype,
-            ]
-        )
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        parts = [
+            self.model_id,
+            self.revision,
+            str(self.dimensions),
+            self.pooling.value,
+            str(self.normalized),
+            self.dtype,
+        ]
+        # float32 keeps the fingerprint it had before encodings existed.
+        if self.encoding is not Encoding.FLOAT32:
+            parts += [self.encoding.value, self.ranges_id]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 # A module applied to pooled vectors (e.g. sentence-transformers Dense layers).
@@ -120,8 +131,14 @@ class EmbeddingEngine:
         self.heads = list(heads)
         self.pad_id = pad_id
         self.memory_bytes = memory_bytes
-        # Spaces by (dimensions, normalize): built once, not per request.
-        self._spaces: dict[tuple[int, bool], EmbeddingSpace] = {}
+        # Spaces by (dimensions, normalize, encoding): built once, not per request.
+        self._spaces: dict[tuple[int, bool, Encoding], EmbeddingSpace] = {}
+        # Pooled native vectors of the calibration corpus (model_records.py), for ranges.
+        self.calibration: np.ndarray | None = None
+        self.records_folder: Path | None = None
+        self._ranges: dict[tuple[int, bool], Ranges] = {}
+        # What the load-time self-check found (model_records.py), for ListModels.
+        self.self_check = ""
 
     def prefix(self, options: EmbedOptions) -> str:
         kind, value = options.prompt_kind, options.prompt_value
@@ -161,10 +178,47 @@ class EmbeddingEngine:
         prefixed = [prefix + t for t in texts] if prefix else texts
         return self.tokenizer.encode_batch(prefixed, options.truncation)
 
+    def ranges(self, dimensions: int, normalize: bool) -> Ranges:
+        """int8/uint8 ranges at this output size: min and max per dimension of the
+        calibration vectors, truncated and normalised as requests are."""
+        dimensions = self.profile.check_dimensions(dimensions)
+        key = (dimensions, normalize)
+        ranges = self._ranges.get(key)
+        if ranges is None:
+            if self.calibration is None:
+                raise ModelNotAvailable(
+                    f"model {self.name!r} has no calibration yet, so int8/uint8 are not "
+                    "available; it is calibrated when the server loads it"
+                )
+            ranges = Ranges.of(finish_batch(self.calibration, dimensions, normalize), normalize)
+            self._ranges[key] = ranges
+        return ranges
+
+    def chunk_window(self, options: EmbedOptions) -> int:
+        """Tokens per window under Truncation.CHUNK; raises on a size the model cannot take."""
+        limit = self.profile.max_tokens
+        if options.chunk_tokens > limit:
+            raise InvalidArgument(
+                f"chunk_tokens={options.chunk_tokens} is more than model {self.name!r} takes; "
+                f"use 0 (its maximum, {limit}) or a value up to {limit}"
+            )
+        return options.chunk_tokens or limit
+
+    def tokenize_chunks(
+        self, texts: Sequence[str], options: EmbedOptions
+    ) -> tuple[TokenBatch, Chunks]:
+        """Truncation.CHUNK: one packed row per window, the prompt before each."""
+        return self.tokenizer.encode_chunks(
+            texts, self.prefix(options), self.chunk_window(options), options.chunk_overlap
+        )
+
     def space(self, options: EmbedOptions) -> EmbeddingSpace:
-        key = (options.dimensions, options.normalize)
+        key = (options.dimensions, options.normalize, options.encoding)
         space = self._spaces.get(key)
         if space is None:
+            ranges_id = ""
+            if options.encoding.needs_ranges:
+                ranges_id = self.ranges(options.dimensions, options.normalize).id
             space = EmbeddingSpace(
                 model_id=self.source,
                 revision=self.revision,
@@ -172,6 +226,8 @@ class EmbeddingEngine:
                 pooling=self.profile.pooling,
                 normalized=options.normalize,
                 dtype=self.profile.dtype,
+                encoding=options.encoding,
+                ranges_id=ranges_id,
             )
             self._spaces[key] = space
         return space

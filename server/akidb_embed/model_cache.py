@@ -345,6 +345,7 @@ class RepoCache:
     def remove_commit(self, commit: str) -> None:
         """Delete one snapshot, its manifest, refs to it, and blobs no other snapshot uses."""
         shutil.rmtree(self.snapshot(commit), ignore_errors=True)
+        shutil.rmtree(self.folder / MANIFEST_DIR / "derived" / commit, ignore_errors=True)
         self.manifest_path(commit).unlink(missing_ok=True)
         for ref in [*(self.folder / "refs").rglob("*"), self.folder / MANIFEST_DIR / "current"]:
             if ref.is_file() and ref.read_text().strip() == commit:

@@ -17,8 +17,10 @@ from enum import Enum
 import mlx.core as mx
 import numpy as np
 
-from . import __version__
+from . import __version__, model_records
 from .batching import ComputeWorker, GroupOutput
+from .chunking import Chunks
+from .encodings import encode
 from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, PromptKind, finish_batch
 from .errors import (
     EmbedError,
@@ -68,9 +70,13 @@ class EmbedResult:
 
     model: str
     space: EmbeddingSpace
-    vectors: np.ndarray  # float32 (N, dimensions), C-contiguous: sent as one buffer
+    # (N, dimensions) float32 by default; rows in `space.encoding` (e.g. int8, or packed
+    # bits for binary: N x ceil(dimensions / 8)), C-contiguous: sent as one buffer.
+    vectors: np.ndarray
     token_counts: list[int]
     truncated: list[bool]
+    # Truncation.CHUNK: which rows are whose, and each row's window (else None).
+    chunks: Chunks | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -84,10 +90,12 @@ class GroupResult:
 
     size: int
     space: EmbeddingSpace | None
-    vectors: np.ndarray
+    vectors: np.ndarray  # rows in space.encoding, as EmbedResult.vectors
     token_counts: list[int]
     truncated: list[bool]
     errors: list[tuple[int, EmbedError]]
+    # Truncation.CHUNK: `chunks.counts` has one entry per text without an error.
+    chunks: Chunks | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class EmbeddingService:
         # True once the preloaded models are warm (the server flips it).
         self.ready = False
         self._loading: dict[str, asyncio.Future[EmbeddingEngine]] = {}
+        self._calibrating: dict[str, asyncio.Future[None]] = {}
         self._failed: dict[str, str] = {}
         # Models that produced non-finite vectors: refused until restart, with the reason.
         self._refused: dict[str, str] = {}
@@ -219,6 +228,8 @@ class EmbeddingService:
                 located.directory, name=entry.name, source=entry.source, revision=located.revision
             )
             engine.warm_up()  # compiles kernels; refuses weights that give NaN/inf
+            # Compares the probe vectors with the record (refusing a drift), calibrates.
+            engine.records_folder = model_records.prepare(engine, located.directory)
             return engine
 
         try:
@@ -293,6 +304,26 @@ class EmbeddingService:
                 self._tokenizers, engine.tokenize_batch, texts, options
             )
 
+    async def _tokenize_chunks(
+        self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
+    ) -> tuple[TokenBatch, Chunks]:
+        """Truncation.CHUNK: whole texts are tokenised, so off the loop unless small."""
+        with self.metrics.time_tokenize(engine.name):
+            if len(texts) <= self.limits.interactive_max_texts and sum(map(len, texts)) < 8192:
+                return engine.tokenize_chunks(texts, options)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._tokenizers, engine.tokenize_chunks, texts, options
+            )
+
+    def _check_windows(self, windows: int, where: str) -> None:
+        limit = self.limits.max_texts_per_request
+        if windows > limit:
+            raise InvalidArgument(
+                f"{where} gives {windows} chunk windows; the limit is {limit} windows: "
+                "split it, or use a larger chunk_tokens"
+            )
+
     async def _compute(
         self, engine: EmbeddingEngine, tokens: TokenBatch, interactive: bool
     ) -> GroupOutput:
@@ -316,6 +347,39 @@ class EmbeddingService:
                 asyncio.get_running_loop().create_task(self.unload(engine.name))
         return finite
 
+    async def _calibrated(self, engine: EmbeddingEngine, options: EmbedOptions) -> None:
+        """int8/uint8 need the model's calibration: computed once, on the compute thread,
+        on the first request that asks (later loads read it from the records folder)."""
+        folder = engine.records_folder
+        if not options.encoding.needs_ranges or engine.calibration is not None or folder is None:
+            return
+        pending = self._calibrating.get(engine.name)
+        if pending is None:
+
+            def calibrate() -> None:
+                if engine.calibration is None:
+                    engine.calibration = model_records.load_calibration(engine, folder)
+
+            log.info("calibrating model %s for int8/uint8", engine.name)
+            pending = asyncio.wrap_future(self.worker.call(calibrate))
+            self._calibrating[engine.name] = pending
+            pending.add_done_callback(lambda _: self._calibrating.pop(engine.name, None))
+        try:
+            await asyncio.shield(pending)
+        except EmbedError:
+            raise
+        except Exception as exc:
+            raise as_embed_error(exc) from exc
+
+    def _encode(
+        self, engine: EmbeddingEngine, vectors: np.ndarray, options: EmbedOptions
+    ) -> np.ndarray:
+        """The finished rows in the requested encoding, all at once."""
+        encoding = options.encoding
+        if not encoding.needs_ranges:
+            return encode(vectors, encoding)
+        return encode(vectors, encoding, engine.ranges(vectors.shape[1], options.normalize))
+
     async def embed(self, model: str, texts: Sequence[str], options: EmbedOptions) -> EmbedResult:
         """Embed a batch; any bad text fails the whole call with an error naming it."""
         self._check_accepting()
@@ -334,8 +398,14 @@ class EmbeddingService:
     async def _embed(
         self, engine: EmbeddingEngine, texts: Sequence[str], options: EmbedOptions
     ) -> EmbedResult:
+        await self._calibrated(engine, options)
         space = engine.space(options)
-        tokens = await self._tokenize(engine, texts, options)
+        chunks = None
+        if options.truncation is Truncation.CHUNK:
+            tokens, chunks = await self._tokenize_chunks(engine, texts, options)
+            self._check_windows(len(tokens), f"the request's {len(texts)} texts")
+        else:
+            tokens = await self._tokenize(engine, texts, options)
         if tokens.too_long:
             index = min(tokens.too_long)
             raise InvalidArgument(f"texts[{index}] {tokens.too_long[index]}")
@@ -344,7 +414,8 @@ class EmbeddingService:
                 f"the server has {self.worker.queued_tokens} tokens queued (limit "
                 f"{self.limits.max_queued_tokens}); retry with backoff or use EmbedStream"
             )
-        interactive = len(texts) <= self.limits.interactive_max_texts
+        # Windows count: one long document is bulk work, not a query.
+        interactive = len(tokens) <= self.limits.interactive_max_texts
         output = await self._compute(engine, tokens, interactive)
         if output.errors:
             raise as_embed_error(output.errors[min(output.errors)])
@@ -354,9 +425,10 @@ class EmbeddingService:
         return EmbedResult(
             model=engine.name,
             space=space,
-            vectors=vectors,
+            vectors=self._encode(engine, vectors, options),
             token_counts=tokens.lengths.tolist(),
             truncated=tokens.truncated.tolist(),
+            chunks=chunks,
         )
 
     async def embed_token_ids(
@@ -424,6 +496,7 @@ class EmbeddingService:
             if isinstance(options, EmbedError):
                 raise options
             engine = await self.engine(model)
+            await self._calibrated(engine, options)
             space = engine.space(options)
             engine.prefix(options)  # an unknown prompt name fails the group here
         except EmbedError as error:
@@ -441,10 +514,35 @@ class EmbeddingService:
         wanted = texts if len(keep) == size else [texts[i] for i in keep]
         if not wanted:
             return GroupResult(size, space, _EMPTY, [], [], errors)
+        chunks: Chunks | None = None
         async with self._holding_text(sum(map(len, wanted)), wait=True):
             with self.residents.use(engine.name):
-                tokens = await self._tokenize(engine, wanted, options)
                 positions = np.asarray(keep, dtype=np.int64)  # group index of each row
+                if options.truncation is Truncation.CHUNK:
+                    try:
+                        tokens, chunks = await self._tokenize_chunks(engine, wanted, options)
+                    except InvalidArgument as error:
+                        errors += [(i, error) for i in keep]
+                        errors.sort(key=lambda pair: pair[0])
+                        return GroupResult(size, space, _EMPTY, [], [], errors)
+                    positions = positions[chunks.text_of_row]
+                    limit = self.limits.max_texts_per_request
+                    over = np.flatnonzero(chunks.counts > limit)
+                    for i in over.tolist():
+                        message = (
+                            f"text gives {int(chunks.counts[i])} chunk windows; the limit is "
+                            f"{limit} windows a text: split it, or use a larger chunk_tokens"
+                        )
+                        errors.append((keep[i], InvalidArgument(message)))
+                    if len(over):
+                        run = np.flatnonzero(~np.isin(positions, [keep[i] for i in over]))
+                        tokens, positions = tokens.select(run), positions[run]
+                        chunks = chunks.select_rows(run, chunks.counts[chunks.counts <= limit])
+                    if not len(tokens):
+                        errors.sort(key=lambda pair: pair[0])
+                        return GroupResult(size, space, _EMPTY, [], [], errors)
+                else:
+                    tokens = await self._tokenize(engine, wanted, options)
                 if tokens.too_long:
                     for i, message in tokens.too_long.items():
                         errors.append((keep[i], InvalidArgument(f"text {message}")))
@@ -453,24 +551,32 @@ class EmbeddingService:
                 output = await self._compute(engine, tokens, interactive=False)
         vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
         good = self._check_finite(engine, vectors)
-        for row, failure in output.errors.items():
+        failed: dict[int, EmbedError] = {}  # group index -> its first error
+        for row, failure in sorted(output.errors.items()):
             good[row] = False
-            errors.append((int(positions[row]), as_embed_error(failure)))
+            failed.setdefault(int(positions[row]), as_embed_error(failure))
         if not good.all():
             for row in np.flatnonzero(~good).tolist():
-                if row not in output.errors:
-                    errors.append(
-                        (int(positions[row]), ModelNotAvailable(self._refused[engine.name]))
-                    )
+                failed.setdefault(
+                    int(positions[row]), ModelNotAvailable(self._refused[engine.name])
+                )
+            # An item whose window failed fails whole: none of its rows are sent.
+            good &= ~np.isin(positions, list(failed))
             vectors = vectors[good]
+        errors += failed.items()
         errors.sort(key=lambda pair: pair[0])
+        if chunks is not None:
+            kept = np.flatnonzero(good)
+            _, counts = np.unique(positions[kept], return_counts=True)
+            chunks = chunks.select_rows(kept, counts.astype(np.int64))
         return GroupResult(
             size=size,
             space=space,
-            vectors=vectors,
+            vectors=self._encode(engine, vectors, options),
             token_counts=tokens.lengths[good].tolist(),
             truncated=tokens.truncated[good].tolist(),
             errors=errors,
+            chunks=chunks,
         )
 
     def can_serve(self) -> bool:

@@ -13,7 +13,9 @@ import numpy as np
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
-from .engine import EmbeddingSpace, EmbedOptions, PromptKind
+from .chunking import Chunks
+from .encodings import Encoding, Ranges
+from .engine import EmbeddingEngine, EmbeddingSpace, EmbedOptions, PromptKind
 from .errors import DeadlineExceeded, EmbedError, ErrorKind, InvalidArgument
 from .metrics import Metrics
 from .models.base import Pooling
@@ -39,7 +41,18 @@ _TRUNCATION = {
     pb.TRUNCATION_POLICY_END: Truncation.END,
     pb.TRUNCATION_POLICY_START: Truncation.START,
     pb.TRUNCATION_POLICY_ERROR: Truncation.ERROR,
+    pb.TRUNCATION_POLICY_CHUNK: Truncation.CHUNK,
 }
+_ENCODING = {
+    pb.ENCODING_UNSPECIFIED: Encoding.FLOAT32,
+    pb.ENCODING_FLOAT32: Encoding.FLOAT32,
+    pb.ENCODING_FLOAT16: Encoding.FLOAT16,
+    pb.ENCODING_INT8: Encoding.INT8,
+    pb.ENCODING_UINT8: Encoding.UINT8,
+    pb.ENCODING_BINARY: Encoding.BINARY,
+    pb.ENCODING_UBINARY: Encoding.UBINARY,
+}
+ENCODING_PB = {encoding: number for number, encoding in _ENCODING.items() if number}
 _PROMPT_KIND = {
     "prompt_name": PromptKind.NAME,
     "prompt": PromptKind.LITERAL,
@@ -63,7 +76,21 @@ def decode_options(options: pb.EmbedOptions) -> EmbedOptions:
     truncation = _TRUNCATION.get(options.truncation)
     if truncation is None:
         raise InvalidArgument(
-            f"truncation={options.truncation} is not a TruncationPolicy; use ERROR, END or START"
+            f"truncation={options.truncation} is not a TruncationPolicy; "
+            "use ERROR, END, START or CHUNK"
+        )
+    encoding = _ENCODING.get(options.encoding)
+    if encoding is None:
+        raise InvalidArgument(
+            f"encoding={options.encoding} is not an Encoding; use FLOAT32, FLOAT16, INT8, "
+            "UINT8, BINARY or UBINARY"
+        )
+    if truncation is not Truncation.CHUNK and (
+        options.chunk_tokens or options.chunk_overlap_tokens
+    ):
+        raise InvalidArgument(
+            "chunk_tokens and chunk_overlap_tokens apply only with truncation CHUNK; "
+            "set truncation to TRUNCATION_POLICY_CHUNK or leave them 0"
         )
     which = options.WhichOneof("prompt_choice")
     return EmbedOptions(
@@ -72,6 +99,9 @@ def decode_options(options: pb.EmbedOptions) -> EmbedOptions:
         truncation=truncation,
         prompt_kind=_PROMPT_KIND[which] if which else PromptKind.NONE,
         prompt_value=getattr(options, which) if which else "",
+        encoding=encoding,
+        chunk_tokens=options.chunk_tokens,
+        chunk_overlap=options.chunk_overlap_tokens,
     )
 
 
@@ -84,19 +114,56 @@ def encode_space(space: EmbeddingSpace) -> pb.EmbeddingSpace:
         normalized=space.normalized,
         dtype=space.dtype,
         fingerprint=space.fingerprint,
+        encoding=ENCODING_PB[space.encoding],
+        ranges_id=space.ranges_id,
     )
 
 
 def encode_batch(
-    vectors: np.ndarray, token_counts: list[int], truncated: list[bool]
+    vectors: np.ndarray,
+    token_counts: list[int],
+    truncated: list[bool],
+    space: EmbeddingSpace | None = None,
+    chunks: Chunks | None = None,
 ) -> pb.EmbeddingBatch:
-    """Every row in one buffer: one copy, whatever the number of texts."""
-    return pb.EmbeddingBatch(
-        vectors=vectors.astype("<f4", copy=False).tobytes(),
-        dimensions=vectors.shape[1] if vectors.ndim == 2 else 0,
+    """Every row in one buffer, already in its encoding: one copy, whatever the number of
+    texts. `dimensions` is the space's (a binary row holds dimensions / 8 bytes)."""
+    width = vectors.shape[1] if vectors.ndim == 2 else 0
+    encoding = Encoding.FLOAT32 if space is None else space.encoding
+    batch = pb.EmbeddingBatch(
+        vectors=vectors.tobytes(),
+        dimensions=space.dimensions if space is not None and width else width,
         token_counts=token_counts,
         truncated=truncated,
+        encoding=ENCODING_PB[encoding],
     )
+    if chunks is not None:
+        batch.chunk_counts.extend(chunks.counts.tolist())
+        batch.chunk_index.extend(chunks.index.tolist())
+        batch.char_start.extend(chunks.char_start.tolist())
+        batch.char_end.extend(chunks.char_end.tolist())
+        batch.byte_start.extend(chunks.byte_start.tolist())
+        batch.byte_end.extend(chunks.byte_end.tolist())
+    return batch
+
+
+def encode_ranges(ranges: Ranges) -> pb.QuantizationRanges:
+    return pb.QuantizationRanges(
+        dimensions=ranges.dimensions,
+        normalized=ranges.normalized,
+        min=ranges.minimum.tolist(),
+        max=ranges.maximum.tolist(),
+        id=ranges.id,
+        calibration_texts=ranges.calibration_texts,
+    )
+
+
+def model_ranges(engine: EmbeddingEngine) -> list[pb.QuantizationRanges]:
+    """The native size and each advertised Matryoshka size, normalised."""
+    if engine.calibration is None:
+        return []
+    sizes = [engine.profile.dimensions, *engine.profile.matryoshka_dimensions]
+    return [encode_ranges(engine.ranges(size, True)) for size in sizes]
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: EmbedError) -> None:
@@ -168,7 +235,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             await abort_with(context, error)
             raise AssertionError("unreachable") from error
         return pb.EmbedResponse(
-            embeddings=encode_batch(result.vectors, result.token_counts, result.truncated),
+            embeddings=encode_batch(
+                result.vectors, result.token_counts, result.truncated, result.space, result.chunks
+            ),
             space=encode_space(result.space),
             model=result.model,
             total_tokens=result.total_tokens,
@@ -246,7 +315,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.EmbedStreamResponse:
         response = pb.EmbedStreamResponse(
             ids=ids,
-            embeddings=encode_batch(result.vectors, result.token_counts, result.truncated),
+            embeddings=encode_batch(
+                result.vectors, result.token_counts, result.truncated, result.space, result.chunks
+            ),
         )
         space = result.space
         if space is not None and len(result.vectors) and space.fingerprint != last_space:
@@ -286,6 +357,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 info.dtype = profile.dtype
                 info.memory_bytes = engine.memory_bytes
                 info.architecture = profile.architecture
+                info.quantization_ranges.extend(model_ranges(engine))
+                info.self_check = engine.self_check
             models.append(info)
         return pb.ListModelsResponse(models=models)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from .chunking import Chunks, chunk_texts
 from .errors import InvalidArgument
 
 
@@ -26,6 +27,7 @@ class Truncation(Enum):
     ERROR = "error"  # reject texts over the limit
     END = "end"  # keep the start
     START = "start"  # keep the end
+    CHUNK = "chunk"  # split into windows (chunking.py), each embedded
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,14 @@ class TextTokenizer:
             itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1])
         )
         return TokenBatch(flat, offsets, over, too_long)
+
+    def encode_chunks(
+        self, texts: Sequence[str], prefix: str, window: int, overlap: int
+    ) -> tuple[TokenBatch, Chunks]:
+        """Truncation.CHUNK: every text's windows packed (one row per window) and which
+        rows are whose, with their ranges (chunking.py)."""
+        rows, chunks = chunk_texts(self._unbounded, texts, prefix, window, overlap)
+        return pack(rows), chunks
 
     def encode(self, texts: list[str], policy: Truncation) -> list[TokenizedText]:
         """Tokenise a batch; raises InvalidArgument naming the first text over the limit."""

@@ -36,6 +36,8 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
     assert results["corpus"]["count"] == 48
     assert results["corpus"]["p10"] <= results["corpus"]["p50"] <= results["corpus"]["max"]
     assert results["sentence_transformers"]["texts_per_second"] > 0
+    wire_bytes = {e["encoding"]: e["wire_bytes_per_vector"] for e in results["encodings"]}
+    assert wire_bytes["binary"] < wire_bytes["int8"] < wire_bytes["float16"] < wire_bytes["float32"]
     for key in ("engine_in_process", "served_stream", "served_embed_64", "served_8_clients"):
         entry = results[key]
         assert entry["texts_per_second"] > 0, key

@@ -4,6 +4,8 @@ is tests/parity/test_decoders.py)."""
 
 from __future__ import annotations
 
+import itertools
+
 import grpc
 import numpy as np
 import pytest
@@ -75,3 +77,33 @@ def test_gemma_prompts_and_fixed_matryoshka_sizes(decoder_server: ServerThread) 
         with pytest.raises(EmbedClientError) as info:
             client.embed(TEXTS, model="tiny-gemma", prompt_name="no-such-prompt")
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_encodings_come_after_matryoshka_truncation(decoder_server: ServerThread) -> None:
+    with EmbedClient(decoder_server.target, timeout=120) as client:
+        small = client.embed(TEXTS, model="tiny-qwen3", dimensions=32).vectors
+        bits = client.embed(TEXTS, model="tiny-qwen3", dimensions=32, encoding="ubinary")
+        assert bits.vectors.shape == (len(TEXTS), 4) and bits.space.dimensions == 32
+        np.testing.assert_array_equal(np.unpackbits(bits.vectors, axis=1).astype(bool), small > 0)
+        int8 = client.embed(TEXTS, model="tiny-qwen3", dimensions=32, encoding="int8")
+        native = client.embed(TEXTS, model="tiny-qwen3", encoding="int8")
+        assert int8.vectors.shape == (len(TEXTS), 32) and int8.vectors.dtype == np.int8
+        assert int8.space.ranges_id and int8.space.ranges_id != native.space.ranges_id
+        assert int8.space.fingerprint != native.space.fingerprint
+        info = next(m for m in client.list_models() if m.name == "tiny-qwen3")
+        assert info.ranges() is not None and info.ranges().id == native.space.ranges_id  # type: ignore[union-attr]
+
+
+def test_chunks_of_a_last_token_model_embed_as_their_slices(decoder_server: ServerThread) -> None:
+    text = " ".join(tiny.sample_texts(12, seed=5, min_words=20, max_words=40))
+    with EmbedClient(decoder_server.target, timeout=120) as client:
+        result = client.embed(
+            [text], model="tiny-qwen3", truncation="chunk", chunk_tokens=24, instruction="find"
+        )
+        chunks = result.chunks
+        assert len(chunks) > 3 and chunks[0].char_start == 0 and chunks[-1].char_end == len(text)
+        assert all(a.char_end == b.char_start for a, b in itertools.pairwise(chunks))
+        slices = [text[c.char_start : c.char_end] for c in chunks]
+        alone = client.embed(slices, model="tiny-qwen3", truncation="error", instruction="find")
+        cosine = (result.vectors * alone.vectors).sum(axis=1)
+        assert cosine.min() >= 0.9999 and max(result.token_counts) <= 24

@@ -37,12 +37,26 @@ MODEL_NAME = st.sampled_from(["", MODEL, "nope", "../../etc/passwd", "/tmp", "or
 )
 
 
+# Per encoding: the buffer's dtype and its values per row of D dimensions.
+ROWS = {
+    pb.ENCODING_FLOAT32: ("<f4", lambda d: d),
+    pb.ENCODING_FLOAT16: ("<f2", lambda d: d),
+    pb.ENCODING_INT8: ("i1", lambda d: d),
+    pb.ENCODING_UINT8: ("u1", lambda d: d),
+    pb.ENCODING_BINARY: ("i1", lambda d: (d + 7) // 8),
+    pb.ENCODING_UBINARY: ("u1", lambda d: (d + 7) // 8),
+}
+
+
 @st.composite
 def options(draw: st.DrawFn) -> pb.EmbedOptions:
     out = pb.EmbedOptions(
         dimensions=draw(st.sampled_from([0, DIM, 128, 2**32 - 1]) | UINT32),
         # Open enum: any int32 travels, known or not.
-        truncation=draw(st.sampled_from([0, 1, 2, 3, -1, 4, 2**31 - 1]) | INT32),
+        truncation=draw(st.sampled_from([0, 1, 2, 3, -1, 4, 5, 2**31 - 1]) | INT32),
+        encoding=draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, -1]) | INT32),
+        chunk_tokens=draw(st.sampled_from([0, 0, 8, 2**32 - 1]) | UINT32),
+        chunk_overlap_tokens=draw(st.sampled_from([0, 0, 2, 2**32 - 1]) | UINT32),
     )
     normalize = draw(st.none() | st.booleans())
     if normalize is not None:
@@ -72,10 +86,13 @@ def assert_precise(error: grpc.RpcError) -> None:
 
 def assert_embeddings(response: pb.EmbedResponse, texts: list[str], dims: int) -> None:
     batch = response.embeddings
-    vectors = np.frombuffer(batch.vectors, dtype="<f4")
-    assert batch.dimensions == dims and vectors.shape == (len(texts) * dims,)
-    assert len(batch.token_counts) == len(batch.truncated) == len(texts)
-    assert np.isfinite(vectors).all()
+    dtype, per_row = ROWS[batch.encoding]
+    vectors = np.frombuffer(batch.vectors, dtype=dtype)
+    rows = sum(batch.chunk_counts) if batch.chunk_counts else len(texts)
+    assert batch.dimensions == dims and vectors.shape == (rows * per_row(dims),)
+    assert len(batch.token_counts) == len(batch.truncated) == rows
+    assert len(batch.chunk_counts) in (0, len(texts))
+    assert np.isfinite(vectors.astype(np.float32)).all()
     assert all(2 <= count <= MAX_TOKENS for count in batch.token_counts)
 
 
@@ -138,9 +155,14 @@ def test_stream_any_items(
             assert error.message and error.index < len(response.ids)
         if response.HasField("space"):
             dims = response.space.dimensions
-        vectors = np.frombuffer(response.embeddings.vectors, dtype="<f4")
-        assert vectors.shape == ((len(response.ids) - len(failed)) * dims,)
-        assert np.isfinite(vectors).all()
+        batch = response.embeddings
+        dtype, per_row = ROWS[batch.encoding]
+        vectors = np.frombuffer(batch.vectors, dtype=dtype)
+        ok = len(response.ids) - len(failed)
+        assert len(batch.chunk_counts) in (0, ok)
+        rows = sum(batch.chunk_counts) if batch.chunk_counts else ok
+        assert vectors.shape == (rows * per_row(dims),)
+        assert np.isfinite(vectors.astype(np.float32)).all()
 
 
 VALID = pb.EmbedRequest(model=MODEL, texts=["a valid text"]).SerializeToString()

@@ -3,6 +3,7 @@
 from .client import (
     DEFAULT_TIMEOUT,
     AsyncEmbedClient,
+    Chunk,
     EmbedClient,
     EmbedClientError,
     EmbedResult,
@@ -10,6 +11,7 @@ from .client import (
     ModelHealth,
     ModelInfo,
     Options,
+    QuantizationRanges,
     ServerLimits,
     Space,
     StreamResult,
@@ -20,6 +22,7 @@ from .replicas import PoolCounters
 __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncEmbedClient",
+    "Chunk",
     "EmbedClient",
     "EmbedClientError",
     "EmbedResult",
@@ -28,6 +31,7 @@ __all__ = [
     "ModelInfo",
     "Options",
     "PoolCounters",
+    "QuantizationRanges",
     "ServerLimits",
     "Space",
     "StreamResult",

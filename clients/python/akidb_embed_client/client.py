@@ -50,12 +50,33 @@ DEFAULT_MAX_CHARS_PER_MESSAGE = 1 << 20
 # Seconds a unary call may take unless told otherwise.
 DEFAULT_TIMEOUT = 30.0
 
-Truncation = Literal["error", "end", "start"]
+Truncation = Literal["error", "end", "start", "chunk"]
 _TRUNCATION = {
     None: pb.TRUNCATION_POLICY_UNSPECIFIED,
     "error": pb.TRUNCATION_POLICY_ERROR,
     "end": pb.TRUNCATION_POLICY_END,
     "start": pb.TRUNCATION_POLICY_START,
+    "chunk": pb.TRUNCATION_POLICY_CHUNK,
+}
+Encoding = Literal["float32", "float16", "int8", "uint8", "binary", "ubinary"]
+_ENCODING: dict[str | None, pb.Encoding.ValueType] = {
+    None: pb.ENCODING_UNSPECIFIED,
+    "float32": pb.ENCODING_FLOAT32,
+    "float16": pb.ENCODING_FLOAT16,
+    "int8": pb.ENCODING_INT8,
+    "uint8": pb.ENCODING_UINT8,
+    "binary": pb.ENCODING_BINARY,
+    "ubinary": pb.ENCODING_UBINARY,
+}
+# Per encoding: the numpy dtype of a row's values and whether a row is packed bits.
+_DTYPES: dict[int, tuple[str, bool]] = {
+    pb.ENCODING_UNSPECIFIED: ("<f4", False),
+    pb.ENCODING_FLOAT32: ("<f4", False),
+    pb.ENCODING_FLOAT16: ("<f2", False),
+    pb.ENCODING_INT8: ("i1", False),
+    pb.ENCODING_UINT8: ("u1", False),
+    pb.ENCODING_BINARY: ("i1", True),
+    pb.ENCODING_UBINARY: ("u1", True),
 }
 # Bulk messages can be large: match the server's default limit.
 _CHANNEL_OPTIONS = [
@@ -70,7 +91,10 @@ class Options(TypedDict, total=False):
 
     normalize: bool  # L2-normalise (default true)
     dimensions: int  # Matryoshka size; 0 = native
-    truncation: Truncation  # "end" (default), "start" or "error"
+    truncation: Truncation  # "end" (default), "start", "error" or "chunk"
+    encoding: Encoding  # "float32" (default), "float16", "int8", "uint8", "binary", "ubinary"
+    chunk_tokens: int  # truncation="chunk": tokens per window; 0 = the model's maximum
+    chunk_overlap_tokens: int  # truncation="chunk": tokens consecutive windows share
     prompt_name: str  # a prompt the model ships, e.g. "query"
     prompt: str  # a literal prefix
     instruction: str  # formatted with the model's instruction template
@@ -114,6 +138,8 @@ class Space:
     normalized: bool
     dtype: str
     fingerprint: str
+    encoding: str = "float32"
+    ranges_id: str = ""  # int8/uint8: the QuantizationRanges.id the vectors used
 
     @classmethod
     def from_proto(cls, space: pb.EmbeddingSpace) -> Space:
@@ -125,36 +151,91 @@ class Space:
             normalized=space.normalized,
             dtype=space.dtype,
             fingerprint=space.fingerprint,
+            encoding=_encoding_name(space.encoding),
+            ranges_id=space.ranges_id,
         )
 
 
+def _encoding_name(value: int) -> str:
+    if value == pb.ENCODING_UNSPECIFIED:
+        return "float32"
+    return pb.Encoding.Name(value).removeprefix("ENCODING_").lower()  # type: ignore[arg-type]
+
+
 def _rows(batch: pb.EmbeddingBatch) -> np.ndarray:
-    """The batch's vectors as one (N, D) float32 array over the message's buffer."""
-    vectors = np.frombuffer(batch.vectors, dtype="<f4")
-    return vectors.reshape(-1, batch.dimensions) if batch.dimensions else vectors.reshape(0, 0)
+    """The batch's vectors as one array over the message's buffer, typed per encoding:
+    (N, D) float32 / float16 / int8 / uint8, or (N, ceil(D / 8)) int8 / uint8 packed sign
+    bits for binary / ubinary (numpy `unpackbits` of the uint8 view gives the bits)."""
+    dtype, bits = _DTYPES.get(batch.encoding, ("<f4", False))
+    width = (batch.dimensions + 7) // 8 if bits else batch.dimensions
+    vectors = np.frombuffer(batch.vectors, dtype=dtype)
+    return vectors.reshape(-1, width) if width else vectors.reshape(0, 0)
+
+
+class Chunk(NamedTuple):
+    """One window of a chunked text (truncation="chunk"): its index in the text and its
+    ranges there: `text[char_start:char_end]` (code points, Python) and
+    `text.encode()[byte_start:byte_end]` (UTF-8 bytes)."""
+
+    chunk_index: int
+    char_start: int
+    char_end: int
+    byte_start: int
+    byte_end: int
+
+
+def _chunks(batch: pb.EmbeddingBatch) -> list[Chunk]:
+    return [
+        Chunk(*row)
+        for row in zip(
+            batch.chunk_index,
+            batch.char_start,
+            batch.char_end,
+            batch.byte_start,
+            batch.byte_end,
+            strict=True,
+        )
+    ]
 
 
 @dataclass(frozen=True)
 class EmbedResult:
-    vectors: np.ndarray  # (N, D) float32, input order
-    token_counts: list[int]
-    truncated: list[bool]
+    # (rows, D) in the requested encoding (float32 by default; see `_rows`), input order:
+    # one row per text, or with truncation="chunk" `chunk_counts[i]` rows per text.
+    vectors: np.ndarray
+    token_counts: list[int]  # per row
+    truncated: list[bool]  # per row
     space: Space
     model: str
+    # truncation="chunk": rows per text, and each row's window.
+    chunk_counts: list[int] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, response: pb.EmbedResponse) -> EmbedResult:
+        batch = response.embeddings
         return cls(
-            vectors=_rows(response.embeddings),
-            token_counts=list(response.embeddings.token_counts),
-            truncated=list(response.embeddings.truncated),
+            vectors=_rows(batch),
+            token_counts=list(batch.token_counts),
+            truncated=list(batch.truncated),
             space=Space.from_proto(response.space),
             model=response.model,
+            chunk_counts=list(batch.chunk_counts),
+            chunks=_chunks(batch) if batch.chunk_counts else [],
         )
+
+    def text_rows(self, index: int) -> slice:
+        """The rows of text `index`: `vectors[result.text_rows(i)]` (chunked or not)."""
+        if not self.chunk_counts:
+            return slice(index, index + 1)
+        start = sum(self.chunk_counts[:index])
+        return slice(start, start + self.chunk_counts[index])
 
 
 class StreamResult(NamedTuple):
-    """One stream item's outcome: its vector, or its error."""
+    """One stream item's outcome: its vector, or its error. With truncation="chunk",
+    `vector` holds the item's windows as rows (k, D), `chunks` their ranges and
+    `token_count` the tokens of all of them."""
 
     id: str
     vector: np.ndarray | None
@@ -162,6 +243,7 @@ class StreamResult(NamedTuple):
     truncated: bool = False
     space: Space | None = None
     error: EmbedClientError | None = None
+    chunks: list[Chunk] | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +304,39 @@ class Health:
 
 
 @dataclass(frozen=True)
+class QuantizationRanges:
+    """int8/uint8 ranges of one output size: min and max per dimension."""
+
+    dimensions: int
+    normalized: bool
+    min: np.ndarray  # float32 (D,)
+    max: np.ndarray
+    id: str
+    calibration_texts: int
+
+    @classmethod
+    def from_proto(cls, ranges: pb.QuantizationRanges) -> QuantizationRanges:
+        return cls(
+            dimensions=ranges.dimensions,
+            normalized=ranges.normalized,
+            min=np.asarray(ranges.min, dtype=np.float32),
+            max=np.asarray(ranges.max, dtype=np.float32),
+            id=ranges.id,
+            calibration_texts=ranges.calibration_texts,
+        )
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        """int8 or uint8 rows back to approximate float32 values, as sentence-transformers
+        does (min + bucket * step)."""
+        steps = (self.max - self.min) / 255
+        steps = np.where(steps == 0, 1, steps)
+        values = codes.astype(np.float64)
+        if codes.dtype == np.int8:
+            values += 128
+        return (values * steps + self.min).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     source: str
@@ -238,6 +353,13 @@ class ModelInfo:
     size_on_disk_bytes: int
     architecture: str
     is_default: bool
+    # int8/uint8 ranges for the native and Matryoshka sizes (once the model is loaded).
+    quantization_ranges: list[QuantizationRanges] = field(default_factory=list)
+    self_check: str = ""  # what the load-time self-check found
+
+    def ranges(self, dimensions: int = 0) -> QuantizationRanges | None:
+        size = dimensions or self.dimensions
+        return next((r for r in self.quantization_ranges if r.dimensions == size), None)
 
     @classmethod
     def from_proto(cls, info: pb.ModelInfo) -> ModelInfo:
@@ -257,6 +379,10 @@ class ModelInfo:
             size_on_disk_bytes=info.size_on_disk_bytes,
             architecture=info.architecture,
             is_default=info.is_default,
+            quantization_ranges=[
+                QuantizationRanges.from_proto(r) for r in info.quantization_ranges
+            ],
+            self_check=info.self_check,
         )
 
 
@@ -275,9 +401,18 @@ def build_options(**options: Unpack[Options]) -> pb.EmbedOptions:
     prompts = [k for k in ("prompt_name", "prompt", "instruction") if options.get(k) is not None]
     if len(prompts) > 1:
         raise ValueError("give at most one of prompt_name, prompt, instruction")
+    encoding = options.get("encoding")
+    if encoding not in _ENCODING:
+        raise ValueError(
+            f"encoding {encoding!r} is not known; use one of "
+            + ", ".join(str(e) for e in _ENCODING if e)
+        )
     built = pb.EmbedOptions(
         dimensions=options.get("dimensions", 0),
         truncation=_TRUNCATION[options.get("truncation")],
+        encoding=_ENCODING[encoding],
+        chunk_tokens=options.get("chunk_tokens", 0),
+        chunk_overlap_tokens=options.get("chunk_overlap_tokens", 0),
     )
     if options.get("normalize") is not None:
         built.normalize = options["normalize"]
@@ -354,6 +489,8 @@ def decode_stream_results(
     vectors = _rows(batch)
     counts = batch.token_counts
     truncated = batch.truncated
+    if batch.chunk_counts:
+        return _chunked_results(response, vectors, space)
     if not response.errors:
         return [
             StreamResult(item_id, vector, count, cut, space)
@@ -387,6 +524,37 @@ def resolve_target(target: str | Sequence[str] | None) -> str:
     if target is not None and not isinstance(target, str):
         return list_target(list(target))
     return grpc_target(target)
+
+
+def _chunked_results(
+    response: pb.EmbedStreamResponse, vectors: np.ndarray, space: Space | None
+) -> list[StreamResult]:
+    """truncation="chunk": each item without error owns `chunk_counts[k]` rows."""
+    batch = response.embeddings
+    failed = {e.index: EmbedClientError(_status_code(e.code), e.message) for e in response.errors}
+    chunks = _chunks(batch)
+    sizes = iter(batch.chunk_counts)
+    out: list[StreamResult] = []
+    row = 0
+    for index, item_id in enumerate(response.ids):
+        error = failed.get(index)
+        if error is not None:
+            out.append(StreamResult(item_id, None, error=error))
+            continue
+        size = next(sizes)
+        rows = slice(row, row + size)
+        row += size
+        out.append(
+            StreamResult(
+                item_id,
+                vectors[rows],
+                sum(batch.token_counts[rows]),
+                False,
+                space,
+                chunks=chunks[rows],
+            )
+        )
+    return out
 
 
 class EmbedClient:

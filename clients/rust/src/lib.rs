@@ -11,6 +11,8 @@
 //! ```
 
 mod client;
+/// Typed vectors per encoding, and the windows of chunked texts.
+pub mod encoding;
 pub mod grpc;
 mod pool;
 mod stream;

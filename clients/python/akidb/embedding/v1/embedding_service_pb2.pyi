@@ -3,9 +3,12 @@
 isort:skip_file
 The contract between AkiDB (and any other client) and the akidb-embed sidecar.
 
-Vectors travel in batches: the rows of many texts packed into one little-endian
-float32 buffer (`EmbeddingBatch.vectors`), one copy to encode and one to decode,
-4 bytes per dimension on the wire.
+Vectors travel in batches: the rows of many texts packed into one buffer
+(`EmbeddingBatch.vectors`), one copy to encode and one to decode. By default a row is
+little-endian float32, 4 bytes per dimension; `EmbedOptions.encoding` asks for float16,
+int8/uint8 (per-dimension ranges from ListModels) or sign bits, 1/32 of the bytes.
+`TRUNCATION_POLICY_CHUNK` embeds a long text as several windows, each with its ranges in
+the text (docs/encodings.md).
 """
 
 from collections import abc as _abc
@@ -38,6 +41,15 @@ class _TruncationPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trun
     """Keep the first tokens, drop the end."""
     TRUNCATION_POLICY_START: _TruncationPolicy.ValueType  # 3
     """Keep the last tokens, drop the start."""
+    TRUNCATION_POLICY_CHUNK: _TruncationPolicy.ValueType  # 4
+    """Do not cut: split the text into windows of `EmbedOptions.chunk_tokens` tokens (0: the
+    model's maximum, special tokens included), consecutive windows sharing
+    `chunk_overlap_tokens` tokens, and embed each window. A text gives one row per window
+    (`EmbeddingBatch.chunk_counts` says how many); every row names its window's code point
+    and UTF-8 byte ranges in the original text. Windows end on token boundaries and never
+    split a character. The prompt or instruction is put before every window and is not
+    part of the ranges. Limits count windows, not texts.
+    """
 
 class TruncationPolicy(_TruncationPolicy, metaclass=_TruncationPolicyEnumTypeWrapper):
     """What to do with a text longer than the model's maximum token count."""
@@ -50,7 +62,69 @@ TRUNCATION_POLICY_END: TruncationPolicy.ValueType  # 2
 """Keep the first tokens, drop the end."""
 TRUNCATION_POLICY_START: TruncationPolicy.ValueType  # 3
 """Keep the last tokens, drop the start."""
+TRUNCATION_POLICY_CHUNK: TruncationPolicy.ValueType  # 4
+"""Do not cut: split the text into windows of `EmbedOptions.chunk_tokens` tokens (0: the
+model's maximum, special tokens included), consecutive windows sharing
+`chunk_overlap_tokens` tokens, and embed each window. A text gives one row per window
+(`EmbeddingBatch.chunk_counts` says how many); every row names its window's code point
+and UTF-8 byte ranges in the original text. Windows end on token boundaries and never
+split a character. The prompt or instruction is put before every window and is not
+part of the ranges. Limits count windows, not texts.
+"""
 Global___TruncationPolicy: _TypeAlias = TruncationPolicy  # noqa: Y015
+
+class _Encoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Encoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENCODING_UNSPECIFIED: _Encoding.ValueType  # 0
+    """The default: ENCODING_FLOAT32."""
+    ENCODING_FLOAT32: _Encoding.ValueType  # 1
+    """Little-endian IEEE float32, 4 bytes per dimension."""
+    ENCODING_FLOAT16: _Encoding.ValueType  # 2
+    """Little-endian IEEE float16 (round to nearest), 2 bytes per dimension."""
+    ENCODING_INT8: _Encoding.ValueType  # 3
+    """One signed byte per dimension: floor((x - min) / step) clipped to 0..255, minus 128,
+    with step = (max - min) / 255 per dimension (`ModelInfo.quantization_ranges`). Decode a
+    value as min + (q + 128) * step, as sentence-transformers does.
+    """
+    ENCODING_UINT8: _Encoding.ValueType  # 4
+    """As INT8 without the -128: one unsigned byte per dimension, 0..255."""
+    ENCODING_BINARY: _Encoding.ValueType  # 5
+    """Sign bits (x > 0), packed 8 per byte, first dimension in the most significant bit
+    (numpy packbits), stored as the byte minus 128 in a signed byte: ceil(D / 8) bytes.
+    """
+    ENCODING_UBINARY: _Encoding.ValueType  # 6
+    """The same bits as unsigned bytes (no -128)."""
+
+class Encoding(_Encoding, metaclass=_EncodingEnumTypeWrapper):
+    """How the vectors are written in `EmbeddingBatch.vectors`. Matryoshka truncation and
+    normalisation happen first; the encoding is part of the embedding space (fingerprint).
+    Encodings follow sentence-transformers' `quantize_embeddings`.
+    """
+
+ENCODING_UNSPECIFIED: Encoding.ValueType  # 0
+"""The default: ENCODING_FLOAT32."""
+ENCODING_FLOAT32: Encoding.ValueType  # 1
+"""Little-endian IEEE float32, 4 bytes per dimension."""
+ENCODING_FLOAT16: Encoding.ValueType  # 2
+"""Little-endian IEEE float16 (round to nearest), 2 bytes per dimension."""
+ENCODING_INT8: Encoding.ValueType  # 3
+"""One signed byte per dimension: floor((x - min) / step) clipped to 0..255, minus 128,
+with step = (max - min) / 255 per dimension (`ModelInfo.quantization_ranges`). Decode a
+value as min + (q + 128) * step, as sentence-transformers does.
+"""
+ENCODING_UINT8: Encoding.ValueType  # 4
+"""As INT8 without the -128: one unsigned byte per dimension, 0..255."""
+ENCODING_BINARY: Encoding.ValueType  # 5
+"""Sign bits (x > 0), packed 8 per byte, first dimension in the most significant bit
+(numpy packbits), stored as the byte minus 128 in a signed byte: ceil(D / 8) bytes.
+"""
+ENCODING_UBINARY: Encoding.ValueType  # 6
+"""The same bits as unsigned bytes (no -128)."""
+Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
 class _Pooling:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -133,6 +207,9 @@ class EmbedOptions(_message.Message):
     PROMPT_NAME_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     INSTRUCTION_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    CHUNK_TOKENS_FIELD_NUMBER: _builtins.int
+    CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
     normalize: _builtins.bool
     """L2-normalise the output vectors. Unset means true."""
     dimensions: _builtins.int
@@ -151,6 +228,18 @@ class EmbedOptions(_message.Message):
     """A task description, formatted with the model's instruction template
     (Qwen3-Embedding: "Instruct: {instruction}\\nQuery:{text}").
     """
+    encoding: Global___Encoding.ValueType
+    """The encoding of the vectors (unset: float32). A value this server does not know is
+    INVALID_ARGUMENT naming the ones it does.
+    """
+    chunk_tokens: _builtins.int
+    """With TRUNCATION_POLICY_CHUNK: tokens per window, special tokens included; 0 means the
+    model's maximum. More than the maximum, or set without CHUNK, is INVALID_ARGUMENT.
+    """
+    chunk_overlap_tokens: _builtins.int
+    """With TRUNCATION_POLICY_CHUNK: tokens consecutive windows share; less than the window's
+    room for text. Set without CHUNK is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -160,10 +249,13 @@ class EmbedOptions(_message.Message):
         prompt_name: _builtins.str = ...,
         prompt: _builtins.str = ...,
         instruction: _builtins.str = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        chunk_tokens: _builtins.int = ...,
+        chunk_overlap_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "instruction", b"instruction", "normalize", b"normalize", "prompt", b"prompt", "prompt_choice", b"prompt_choice", "prompt_name", b"prompt_name"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "dimensions", b"dimensions", "instruction", b"instruction", "normalize", b"normalize", "prompt", b"prompt", "prompt_choice", b"prompt_choice", "prompt_name", b"prompt_name", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "chunk_overlap_tokens", b"chunk_overlap_tokens", "chunk_tokens", b"chunk_tokens", "dimensions", b"dimensions", "encoding", b"encoding", "instruction", b"instruction", "normalize", b"normalize", "prompt", b"prompt", "prompt_choice", b"prompt_choice", "prompt_name", b"prompt_name", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
@@ -189,7 +281,9 @@ class EmbedRequest(_message.Message):
     """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Up to the server's per-request limit; each must be non-empty."""
+        """Up to the server's per-request limit (with chunking, the limit counts windows); each
+        must be non-empty.
+        """
 
     @_builtins.property
     def options(self) -> Global___EmbedOptions: ...
@@ -211,7 +305,8 @@ Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
 @_typing.final
 class EmbeddingBatch(_message.Message):
     """The vectors of several texts in one buffer: row i belongs to the i-th text that has
-    one. Decode with one call, e.g. numpy `frombuffer(vectors, "<f4").reshape(-1, dimensions)`.
+    one (with chunking: `chunk_counts` rows per text). Decode with one call, e.g. numpy
+    `frombuffer(vectors, "<f4").reshape(-1, dimensions)` for float32.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -220,9 +315,22 @@ class EmbeddingBatch(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     TOKEN_COUNTS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    CHUNK_COUNTS_FIELD_NUMBER: _builtins.int
+    CHUNK_INDEX_FIELD_NUMBER: _builtins.int
+    CHAR_START_FIELD_NUMBER: _builtins.int
+    CHAR_END_FIELD_NUMBER: _builtins.int
+    BYTE_START_FIELD_NUMBER: _builtins.int
+    BYTE_END_FIELD_NUMBER: _builtins.int
     vectors: _builtins.bytes
-    """Row-major packed little-endian float32: one row of `dimensions` values per text."""
+    """Row-major packed rows in `encoding`, one per text (or window): 4 * dimensions bytes
+    (float32), 2 * dimensions (float16), dimensions (int8, uint8) or ceil(dimensions / 8)
+    (binary, ubinary) per row.
+    """
     dimensions: _builtins.int
+    """Values per row before encoding (the bits of a binary row, not its bytes)."""
+    encoding: Global___Encoding.ValueType
+    """How `vectors` is written; never UNSPECIFIED in a response."""
     @_builtins.property
     def token_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Per row: tokens the model saw (after truncation, special tokens included)."""
@@ -231,6 +339,30 @@ class EmbeddingBatch(_message.Message):
     def truncated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """Per row: true if the text was cut to fit the model's maximum token count."""
 
+    @_builtins.property
+    def chunk_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With TRUNCATION_POLICY_CHUNK only (empty otherwise): per text with rows, how many
+        consecutive rows (windows) it has, in order. The fields below are per row.
+        """
+
+    @_builtins.property
+    def chunk_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per row: the window's index within its text, from 0."""
+
+    @_builtins.property
+    def char_start(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per row: the window's code point range [char_start, char_end) in the original text
+        (Python `text[start:end]`); consecutive windows overlap by the overlap's tokens.
+        """
+
+    @_builtins.property
+    def char_end(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def byte_start(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per row: the same range in the text's UTF-8 bytes (Rust `&text[start..end]`)."""
+
+    @_builtins.property
+    def byte_end(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -238,10 +370,17 @@ class EmbeddingBatch(_message.Message):
         dimensions: _builtins.int = ...,
         token_counts: _abc.Iterable[_builtins.int] | None = ...,
         truncated: _abc.Iterable[_builtins.bool] | None = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        chunk_counts: _abc.Iterable[_builtins.int] | None = ...,
+        chunk_index: _abc.Iterable[_builtins.int] | None = ...,
+        char_start: _abc.Iterable[_builtins.int] | None = ...,
+        char_end: _abc.Iterable[_builtins.int] | None = ...,
+        byte_start: _abc.Iterable[_builtins.int] | None = ...,
+        byte_end: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "token_counts", b"token_counts", "truncated", b"truncated", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_end", b"byte_end", "byte_start", b"byte_start", "char_end", b"char_end", "char_start", b"char_start", "chunk_counts", b"chunk_counts", "chunk_index", b"chunk_index", "dimensions", b"dimensions", "encoding", b"encoding", "token_counts", b"token_counts", "truncated", b"truncated", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -262,6 +401,8 @@ class EmbeddingSpace(_message.Message):
     NORMALIZED_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    RANGES_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model's source: Hub repo id or local path."""
     revision: _builtins.str
@@ -272,7 +413,15 @@ class EmbeddingSpace(_message.Message):
     dtype: _builtins.str
     """Compute dtype of the weights, e.g. "float32", "float16", "q4" (4-bit)."""
     fingerprint: _builtins.str
-    """A short hash of all the fields above."""
+    """A short hash of all the other fields (float32: of fields 1 to 6 only, so indexes built
+    before encodings existed keep theirs).
+    """
+    encoding: Global___Encoding.ValueType
+    """The encoding of the vectors (never UNSPECIFIED in a response)."""
+    ranges_id: _builtins.str
+    """INT8 / UINT8: `QuantizationRanges.id` of the ranges the vectors were quantised with;
+    empty for the other encodings.
+    """
     def __init__(
         self,
         *,
@@ -283,14 +432,61 @@ class EmbeddingSpace(_message.Message):
         normalized: _builtins.bool = ...,
         dtype: _builtins.str = ...,
         fingerprint: _builtins.str = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        ranges_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "dtype", b"dtype", "fingerprint", b"fingerprint", "model_id", b"model_id", "normalized", b"normalized", "pooling", b"pooling", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "dtype", b"dtype", "encoding", b"encoding", "fingerprint", b"fingerprint", "model_id", b"model_id", "normalized", b"normalized", "pooling", b"pooling", "ranges_id", b"ranges_id", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbeddingSpace: _TypeAlias = EmbeddingSpace  # noqa: Y015
+
+@_typing.final
+class QuantizationRanges(_message.Message):
+    """Per-dimension ranges for INT8 / UINT8: min and max of each dimension over the server's
+    calibration corpus (standard-library docstrings that ship with the server), embedded by
+    this model at this revision and precision, after Matryoshka truncation and
+    normalisation. Dequantise value q of dimension j as min[j] + q * step[j] (q + 128 for
+    INT8), step[j] = (max[j] - min[j]) / 255 (0 counts as 1).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    NORMALIZED_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    CALIBRATION_TEXTS_FIELD_NUMBER: _builtins.int
+    dimensions: _builtins.int
+    normalized: _builtins.bool
+    id: _builtins.str
+    """A short hash of the ranges, as in `EmbeddingSpace.ranges_id`."""
+    calibration_texts: _builtins.int
+    """Passages of the calibration corpus the ranges come from."""
+    @_builtins.property
+    def min(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def max(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        dimensions: _builtins.int = ...,
+        normalized: _builtins.bool = ...,
+        min: _abc.Iterable[_builtins.float] | None = ...,
+        max: _abc.Iterable[_builtins.float] | None = ...,
+        id: _builtins.str = ...,
+        calibration_texts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_texts", b"calibration_texts", "dimensions", b"dimensions", "id", b"id", "max", b"max", "min", b"min", "normalized", b"normalized"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuantizationRanges: _TypeAlias = QuantizationRanges  # noqa: Y015
 
 @_typing.final
 class EmbedResponse(_message.Message):
@@ -424,7 +620,9 @@ class EmbedStreamResponse(_message.Message):
 
     @_builtins.property
     def embeddings(self) -> Global___EmbeddingBatch:
-        """One row per id that has no error, in the order of `ids`."""
+        """One row per id that has no error, in the order of `ids` (with chunking,
+        `embeddings.chunk_counts[k]` rows for the k-th id without error, kept together).
+        """
 
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemError]:
@@ -500,6 +698,8 @@ class ModelInfo(_message.Message):
     SIZE_ON_DISK_BYTES_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_RANGES_FIELD_NUMBER: _builtins.int
+    SELF_CHECK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The short name clients use."""
     source: _builtins.str
@@ -519,6 +719,10 @@ class ModelInfo(_message.Message):
     """config.json's model_type, e.g. "bert", "qwen3", "gemma3_text"."""
     is_default: _builtins.bool
     """True for the model used when a request names none."""
+    self_check: _builtins.str
+    """The load-time self-check: "passed: ...", "recorded: ..." (first load), or why it
+    failed (then the state is FAILED with the same reason).
+    """
     @_builtins.property
     def matryoshka_dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Supported Matryoshka dimensions; empty means only the native one."""
@@ -526,6 +730,14 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def prompts(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Named prompts, name -> prefix."""
+
+    @_builtins.property
+    def quantization_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuantizationRanges]:
+        """INT8 / UINT8 ranges, for the native dimension and each Matryoshka size, normalised
+        (the default options). Set while the model is loaded and calibrated: calibration runs
+        once per model revision and precision, on its first INT8 / UINT8 request, and is cached
+        next to the model, so later loads have the ranges at once.
+        """
 
     def __init__(
         self,
@@ -545,10 +757,12 @@ class ModelInfo(_message.Message):
         size_on_disk_bytes: _builtins.int = ...,
         architecture: _builtins.str = ...,
         is_default: _builtins.bool = ...,
+        quantization_ranges: _abc.Iterable[Global___QuantizationRanges] | None = ...,
+        self_check: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "dimensions", b"dimensions", "dtype", b"dtype", "is_default", b"is_default", "matryoshka_dimensions", b"matryoshka_dimensions", "max_tokens", b"max_tokens", "memory_bytes", b"memory_bytes", "name", b"name", "pooling", b"pooling", "prompts", b"prompts", "revision", b"revision", "size_on_disk_bytes", b"size_on_disk_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "dimensions", b"dimensions", "dtype", b"dtype", "is_default", b"is_default", "matryoshka_dimensions", b"matryoshka_dimensions", "max_tokens", b"max_tokens", "memory_bytes", b"memory_bytes", "name", b"name", "pooling", b"pooling", "prompts", b"prompts", "quantization_ranges", b"quantization_ranges", "revision", b"revision", "self_check", b"self_check", "size_on_disk_bytes", b"size_on_disk_bytes", "source", b"source", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -673,7 +887,9 @@ class ServerLimits(_message.Message):
     STREAM_WINDOW_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     max_texts_per_request: _builtins.int
-    """Texts in one Embed request (INVALID_ARGUMENT past it: split, or use EmbedStream)."""
+    """Texts in one Embed request, windows with chunking (INVALID_ARGUMENT past it: split,
+    or use EmbedStream).
+    """
     max_chars_per_text: _builtins.int
     """Characters in one text (INVALID_ARGUMENT)."""
     max_chars_per_request: _builtins.int
@@ -681,7 +897,9 @@ class ServerLimits(_message.Message):
     max_queued_tokens: _builtins.int
     """Tokens waiting for compute past which Embed gets RESOURCE_EXHAUSTED."""
     stream_window: _builtins.int
-    """Items of one stream in flight; past it the server stops reading the stream."""
+    """Items of one stream in flight (windows, with chunking); past it the server stops
+    reading the stream.
+    """
     max_message_bytes: _builtins.int
     """Bytes of one message either way (RESOURCE_EXHAUSTED)."""
     def __init__(

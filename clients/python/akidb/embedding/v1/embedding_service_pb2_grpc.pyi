@@ -3,9 +3,12 @@
 isort:skip_file
 The contract between AkiDB (and any other client) and the akidb-embed sidecar.
 
-Vectors travel in batches: the rows of many texts packed into one little-endian
-float32 buffer (`EmbeddingBatch.vectors`), one copy to encode and one to decode,
-4 bytes per dimension on the wire.
+Vectors travel in batches: the rows of many texts packed into one buffer
+(`EmbeddingBatch.vectors`), one copy to encode and one to decode. By default a row is
+little-endian float32, 4 bytes per dimension; `EmbedOptions.encoding` asks for float16,
+int8/uint8 (per-dimension ranges from ListModels) or sign bits, 1/32 of the bytes.
+`TRUNCATION_POLICY_CHUNK` embeds a long text as several windows, each with its ranges in
+the text (docs/encodings.md).
 """
 
 from akidb.embedding.v1 import embedding_service_pb2 as _embedding_service_pb2
