@@ -409,12 +409,23 @@ class EmbeddingService:
         if tokens.too_long:
             index = min(tokens.too_long)
             raise InvalidArgument(f"texts[{index}] {tokens.too_long[index]}")
+        return await self._compute_all(engine, space, tokens, options, chunks)
+
+    async def _compute_all(
+        self,
+        engine: EmbeddingEngine,
+        space: EmbeddingSpace,
+        tokens: TokenBatch,
+        options: EmbedOptions,
+        chunks: Chunks | None = None,
+    ) -> EmbedResult:
+        """A unary call's compute, all or nothing: any row's failure fails the call."""
         if self.worker.queued_tokens > self.limits.max_queued_tokens:
             raise Overloaded(
                 f"the server has {self.worker.queued_tokens} tokens queued (limit "
                 f"{self.limits.max_queued_tokens}); retry with backoff or use EmbedStream"
             )
-        # Windows count: one long document is bulk work, not a query.
+        # Rows count (chunk windows included): one long document is bulk work, not a query.
         interactive = len(tokens) <= self.limits.interactive_max_texts
         output = await self._compute(engine, tokens, interactive)
         if output.errors:
@@ -461,26 +472,7 @@ class EmbeddingService:
                     engine.tokenizer.max_tokens,
                     options.truncation,
                 )
-                space = engine.space(options)
-                if self.worker.queued_tokens > self.limits.max_queued_tokens:
-                    raise Overloaded(
-                        f"the server has {self.worker.queued_tokens} tokens queued (limit "
-                        f"{self.limits.max_queued_tokens}); retry with backoff"
-                    )
-                interactive = len(ids) <= self.limits.interactive_max_texts
-                output = await self._compute(engine, tokens, interactive)
-        if output.errors:
-            raise as_embed_error(output.errors[min(output.errors)])
-        vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
-        if not self._check_finite(engine, vectors).all():
-            raise ModelNotAvailable(self._refused[engine.name])
-        return EmbedResult(
-            model=engine.name,
-            space=space,
-            vectors=vectors,
-            token_counts=tokens.lengths.tolist(),
-            truncated=tokens.truncated.tolist(),
-        )
+                return await self._compute_all(engine, engine.space(options), tokens, options)
 
     async def embed_group(
         self, model: str, texts: Sequence[str], options: EmbedOptions | EmbedError
