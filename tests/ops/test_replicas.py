@@ -102,6 +102,10 @@ def test_a_20000_item_stream_survives_a_killed_and_a_draining_replica(
     seen = 0
     started = time.monotonic()
     with EmbedClient([r.address for r in pool], timeout=30) as client:
+        # Connections to all three up (as a database's queries would have them), so that
+        # round_robin puts the three sub-streams on three replicas.
+        for _ in range(9):
+            client.embed(["warm up"])
         for result in client.embed_stream(items):
             assert result.id == f"doc-{seen}", "answers out of order or duplicated"
             assert result.error is None, result.error

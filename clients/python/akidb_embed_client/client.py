@@ -15,6 +15,7 @@ characters, and a message goes out as soon as the input pauses. No tuning is nee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections import deque
@@ -576,6 +577,9 @@ class EmbedClient:
         self._channel = grpc.insecure_channel(self.target, options=_channel_options(self.target))
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        # A pool starts connecting to every replica now, so that round_robin has them all
+        # ready by the first call and spreads the first stream's sub-streams over them.
+        self._ready = grpc.channel_ready_future(self._channel) if self.pool else None
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -620,6 +624,10 @@ class EmbedClient:
         if isinstance(items, (str, bytes)):
             raise TypeError("items must be an iterable of texts or (id, text) pairs")
         if self.pool:
+            if self._ready is not None:
+                # Wait a little for a first replica; none ready is reported by the stream.
+                with contextlib.suppress(grpc.FutureTimeoutError):
+                    self._ready.result(timeout=2.0)
             return PoolStream(
                 self._stub,
                 model,
@@ -729,6 +737,8 @@ class EmbedClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def close(self) -> None:
+        if self._ready is not None:
+            self._ready.cancel()
         self._channel.close()
 
     def __enter__(self) -> EmbedClient:
