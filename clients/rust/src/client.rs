@@ -23,7 +23,13 @@ pub use crate::pb::{
 /// One text's vector.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Embedding {
+    /// The values as f32: float32 rows as sent, float16 rows widened. Empty for the
+    /// integer and bit encodings: read `encoded` (and dequantise with the model's
+    /// `quantization_ranges` from ListModels).
     pub vector: Vec<f32>,
+    /// The row as sent when the request asked for another encoding than float32
+    /// (`Vectors::Int8`, `Uint8`, `Binary`, `Ubinary`, `Float16`); None for float32.
+    pub encoded: Option<crate::encoding::Vectors>,
     /// Tokens the model saw (after truncation, special tokens included).
     pub token_count: u32,
     /// The text was cut to the model's maximum token count.
@@ -516,12 +522,13 @@ pub(crate) fn decode_batch(
             format!("malformed embedding batch: {}", what),
         )
     };
-    if batch.vectors.len() != rows * dims * 4 {
+    let decoded = crate::encoding::decode_rows(&batch).map_err(|e| malformed(e.to_string()))?;
+    if decoded.len() != rows {
         return Err(malformed(format!(
-            "{} bytes for {} rows of {} dimensions (expected 4 bytes each)",
-            batch.vectors.len(),
-            rows,
-            dims
+            "{} rows of {} dimensions where {} were expected",
+            decoded.len(),
+            dims,
+            rows
         )));
     }
     if batch.token_counts.len() != rows || batch.truncated.len() != rows {
@@ -532,16 +539,18 @@ pub(crate) fn decode_batch(
             rows
         )));
     }
-    let row_bytes = dims * 4;
     let mut out = Vec::with_capacity(rows);
-    for i in 0..rows {
-        let bytes = &batch.vectors[i * row_bytes..(i + 1) * row_bytes];
-        let vector = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+    for (i, row) in decoded.into_iter().enumerate() {
+        let (vector, encoded) = match row {
+            crate::encoding::Vectors::Float32(values) => (values, None),
+            other @ crate::encoding::Vectors::Float16(_) => {
+                (other.to_f32(None).unwrap_or_default(), Some(other))
+            }
+            other => (Vec::new(), Some(other)),
+        };
         out.push(Embedding {
             vector,
+            encoded,
             token_count: batch.token_counts[i],
             truncated: batch.truncated[i],
         });
@@ -609,6 +618,7 @@ mod tests {
             dimensions: dims as u32,
             token_counts: (0..rows.len() as u32).map(|i| i + 3).collect(),
             truncated: (0..rows.len()).map(|i| i == 1).collect(),
+            ..Default::default()
         }
     }
 
@@ -621,6 +631,33 @@ mod tests {
         assert_eq!(out[1].vector, rows[1].to_vec());
         assert_eq!((out[0].token_count, out[0].truncated), (3, false));
         assert_eq!((out[1].token_count, out[1].truncated), (4, true));
+    }
+
+    #[test]
+    fn rows_in_another_encoding_come_back_typed() {
+        let batch = pb::EmbeddingBatch {
+            vectors: Bytes::from(vec![1u8, 2, 3, 250, 5, 6]),
+            dimensions: 3,
+            token_counts: vec![4, 5],
+            truncated: vec![false, false],
+            encoding: pb::Encoding::Int8 as i32,
+            ..Default::default()
+        };
+        let out = decode_batch(batch, 2).unwrap();
+        assert!(out[0].vector.is_empty());
+        assert_eq!(
+            out[1].encoded,
+            Some(crate::encoding::Vectors::Int8(vec![-6, 5, 6]))
+        );
+        let half = pb::EmbeddingBatch {
+            vectors: Bytes::from(vec![0x00, 0x3c, 0x00, 0xc0]), // 1.0, -2.0
+            dimensions: 2,
+            token_counts: vec![3],
+            truncated: vec![false],
+            encoding: pb::Encoding::Float16 as i32,
+            ..Default::default()
+        };
+        assert_eq!(decode_batch(half, 1).unwrap()[0].vector, vec![1.0, -2.0]);
     }
 
     #[test]
