@@ -68,6 +68,10 @@ class ModelSpec:
     revision: str
 
 
+# The longest pause between tries to start a worker that keeps dying before it is ready.
+RESPAWN_PAUSE_MAX = 10.0
+
+
 class WorkerCrashed(EmbedError):
     """A text killed engine worker processes twice; it is not tried again."""
 
@@ -334,6 +338,10 @@ class _Slot:
     ready: bool = False
     busy: bool = False
     thread: threading.Thread | None = None
+    # Consecutive deaths before the process ever became ready: a worker that cannot start
+    # (a broken install, no memory) is retried with a growing pause, not in a tight loop.
+    failed_starts: int = 0
+    ever_ready: bool = False
 
 
 class WorkerPool:
@@ -533,6 +541,7 @@ class WorkerPool:
     def _set_ready(self, slot: _Slot, ready: bool) -> None:
         changed = slot.ready != ready
         slot.ready = ready
+        slot.ever_ready = slot.ever_ready or ready
         if changed:
             self._cond.notify_all()
         if changed:
@@ -697,4 +706,15 @@ class WorkerPool:
         if slot.process is not None and slot.process.is_alive():
             slot.process.kill()
             slot.process.join(5)
+        slot.failed_starts = 0 if slot.ever_ready else slot.failed_starts + 1
+        slot.ever_ready = False
+        if slot.failed_starts > 1:
+            pause = min(RESPAWN_PAUSE_MAX, 0.25 * 2 ** (slot.failed_starts - 2))
+            log.error(
+                "engine worker %d died %d times before it could serve; next try in %.1fs",
+                slot.index,
+                slot.failed_starts,
+                pause,
+            )
+            time.sleep(pause)
         self._spawn(slot)
