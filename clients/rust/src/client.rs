@@ -30,10 +30,24 @@ pub struct Embedding {
     /// The row as sent when the request asked for another encoding than float32
     /// (`Vectors::Int8`, `Uint8`, `Binary`, `Ubinary`, `Float16`); None for float32.
     pub encoded: Option<crate::encoding::Vectors>,
-    /// Tokens the model saw (after truncation, special tokens included).
+    /// Tokens the model saw (after truncation, special tokens included; with chunking,
+    /// of all the text's windows).
     pub token_count: u32,
     /// The text was cut to the model's maximum token count.
     pub truncated: bool,
+    /// With truncation CHUNK: the text's windows in order, each with its vector and its
+    /// character and UTF-8 byte range in the text (`vector` above is then empty).
+    pub chunks: Vec<ChunkEmbedding>,
+}
+
+/// One window of a chunked text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkEmbedding {
+    /// Index, code point range and UTF-8 byte range of the window in the original text.
+    pub chunk: crate::encoding::Chunk,
+    pub vector: Vec<f32>,
+    pub encoded: Option<crate::encoding::Vectors>,
+    pub token_count: u32,
 }
 
 /// The answer to `embed`: one embedding per text, in input order.
@@ -523,36 +537,82 @@ pub(crate) fn decode_batch(
         )
     };
     let decoded = crate::encoding::decode_rows(&batch).map_err(|e| malformed(e.to_string()))?;
-    if decoded.len() != rows {
+    let chunked = !batch.chunk_counts.is_empty();
+    if chunked && batch.chunk_counts.len() != rows {
+        return Err(malformed(format!(
+            "chunk counts for {} texts where {} were expected",
+            batch.chunk_counts.len(),
+            rows
+        )));
+    }
+    let row_count = if chunked {
+        batch.chunk_counts.iter().map(|&c| c as usize).sum()
+    } else {
+        rows
+    };
+    if decoded.len() != row_count {
         return Err(malformed(format!(
             "{} rows of {} dimensions where {} were expected",
             decoded.len(),
             dims,
-            rows
+            row_count
         )));
     }
-    if batch.token_counts.len() != rows || batch.truncated.len() != rows {
+    if batch.token_counts.len() != row_count || batch.truncated.len() != row_count {
         return Err(malformed(format!(
             "{} token counts and {} truncated flags for {} rows",
             batch.token_counts.len(),
             batch.truncated.len(),
-            rows
+            row_count
         )));
     }
+    let split = |row: crate::encoding::Vectors| match row {
+        crate::encoding::Vectors::Float32(values) => (values, None),
+        other @ crate::encoding::Vectors::Float16(_) => {
+            (other.to_f32(None).unwrap_or_default(), Some(other))
+        }
+        other => (Vec::new(), Some(other)),
+    };
     let mut out = Vec::with_capacity(rows);
-    for (i, row) in decoded.into_iter().enumerate() {
-        let (vector, encoded) = match row {
-            crate::encoding::Vectors::Float32(values) => (values, None),
-            other @ crate::encoding::Vectors::Float16(_) => {
-                (other.to_f32(None).unwrap_or_default(), Some(other))
+    if chunked {
+        let windows = crate::encoding::chunks(&batch);
+        if windows.len() != row_count {
+            return Err(malformed(format!(
+                "{} chunk ranges for {} rows",
+                windows.len(),
+                row_count
+            )));
+        }
+        let mut decoded = decoded.into_iter().zip(windows).enumerate();
+        for &count in &batch.chunk_counts {
+            let mut chunks = Vec::with_capacity(count as usize);
+            for (i, (row, chunk)) in decoded.by_ref().take(count as usize) {
+                let (vector, encoded) = split(row);
+                chunks.push(ChunkEmbedding {
+                    chunk,
+                    vector,
+                    encoded,
+                    token_count: batch.token_counts[i],
+                });
             }
-            other => (Vec::new(), Some(other)),
-        };
+            out.push(Embedding {
+                vector: Vec::new(),
+                encoded: None,
+                token_count: chunks.iter().map(|c| c.token_count).sum(),
+                truncated: false,
+                chunks,
+            });
+        }
+        return Ok(out);
+    }
+    for (i, row) in decoded.into_iter().enumerate() {
+        let (vector, encoded) = split(row);
         out.push(Embedding {
             vector,
             encoded,
             token_count: batch.token_counts[i],
             truncated: batch.truncated[i],
+            chunks: Vec::new(),
         });
     }
     Ok(out)
@@ -658,6 +718,33 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(decode_batch(half, 1).unwrap()[0].vector, vec![1.0, -2.0]);
+    }
+
+    #[test]
+    fn chunked_rows_come_back_under_their_text() {
+        let rows: [&[f32]; 3] = [&[1.0, 0.0], &[0.0, 1.0], &[0.5, 0.5]];
+        let mut batch = packed(&rows);
+        batch.chunk_counts = vec![2, 1];
+        batch.chunk_index = vec![0, 1, 0];
+        batch.char_start = vec![0, 10, 0];
+        batch.char_end = vec![12, 20, 5];
+        batch.byte_start = vec![0, 11, 0];
+        batch.byte_end = vec![13, 23, 5];
+        let out = decode_batch(batch.clone(), 2).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].chunks.len(), 2);
+        assert_eq!(out[0].chunks[1].vector, vec![0.0, 1.0]);
+        assert_eq!(
+            (
+                out[0].chunks[1].chunk.byte_start,
+                out[0].chunks[1].chunk.byte_end
+            ),
+            (11, 23)
+        );
+        assert_eq!(out[0].token_count, 3 + 4);
+        assert_eq!(out[1].chunks[0].chunk.char_end, 5);
+        assert!(out[0].vector.is_empty());
+        assert_eq!(decode_batch(batch, 3).unwrap_err().code(), Code::Internal);
     }
 
     #[test]

@@ -24,8 +24,8 @@ pub mod pb {
 }
 
 pub use client::{
-    Client, EmbedOptions, Embedding, EmbeddingSpace, Embeddings, HealthResponse, ModelInfo,
-    PromptChoice, ResultStream, ServerLimits, ServingStatus, StreamItem, StreamResult,
+    ChunkEmbedding, Client, EmbedOptions, Embedding, EmbeddingSpace, Embeddings, HealthResponse,
+    ModelInfo, PromptChoice, ResultStream, ServerLimits, ServingStatus, StreamItem, StreamResult,
     DEFAULT_STREAM_IN_FLIGHT, MAX_ITEMS_PER_MESSAGE, MAX_TEXT_BYTES_PER_MESSAGE,
 };
 pub use futures_core::Stream;

@@ -286,3 +286,48 @@ async fn the_client_reconnects_after_the_server_restarts() {
     assert_eq!(after.space.fingerprint, before.space.fingerprint);
     assert!(max_abs_diff(&after.embeddings[0].vector, &before.embeddings[0].vector) < 1e-6);
 }
+
+#[tokio::test]
+async fn chunked_int8_rows_come_back_typed_with_byte_ranges() {
+    use akidb_embed_client::encoding::Vectors;
+    use akidb_embed_client::pb;
+
+    let client = shared_client().await;
+    // Long enough for several windows of 32 tokens; multi-byte characters included.
+    let text = "Ünïcödé vectors — 🚀 are stored and searched by meaning. ".repeat(20);
+    let options = pb::EmbedOptions {
+        truncation: pb::TruncationPolicy::Chunk as i32,
+        chunk_tokens: 32,
+        encoding: pb::Encoding::Int8 as i32,
+        ..Default::default()
+    };
+    let out = client
+        .embed("", [text.as_str()], Some(options))
+        .await
+        .unwrap();
+    assert_eq!(out.embeddings.len(), 1);
+    let chunks = &out.embeddings[0].chunks;
+    assert!(chunks.len() > 2, "{} windows", chunks.len());
+    let mut covered = 0usize;
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(c.chunk.index as usize, i);
+        // The database slices UTF-8 bytes: every range is a valid str slice of the text.
+        let slice = &text[c.chunk.byte_start as usize..c.chunk.byte_end as usize];
+        assert_eq!(
+            slice.chars().count() as u32,
+            c.chunk.char_end - c.chunk.char_start
+        );
+        // No gaps: each window starts where the last ended, or before (overlap).
+        assert!(
+            c.chunk.byte_start as usize <= covered,
+            "gap before window {}",
+            i
+        );
+        covered = c.chunk.byte_end as usize;
+        match &c.encoded {
+            Some(Vectors::Int8(values)) => assert_eq!(values.len(), 384),
+            other => panic!("window {} came back as {:?}", i, other),
+        }
+    }
+    assert!(covered >= text.trim_end().len());
+}
