@@ -581,6 +581,13 @@ def _model_dict(model: Any) -> dict[str, Any]:
     return data
 
 
+def _json_default(value: Any) -> Any:
+    """numpy arrays and scalars (e.g. quantisation ranges) as plain JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from akidb_embed_client import EmbedClient, EmbedClientError
 
@@ -601,7 +608,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
             return run_models(args)
     if args.json:
-        json.dump([_model_dict(m) for m in models], sys.stdout, indent=1)
+        json.dump([_model_dict(m) for m in models], sys.stdout, indent=1, default=_json_default)
         sys.stdout.write("\n")
         return 0
     rows = [("NAME", "STATE", "DIM", "MAX TOKENS", "REVISION", "SIZE", "SOURCE")]
