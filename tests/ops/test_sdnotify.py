@@ -65,6 +65,7 @@ def test_the_server_notifies_ready_when_serving_and_stopping_on_sigterm(
 ) -> None:
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'server'}:{REPO / 'clients' / 'python'}")
     sock_path = tmp_path / "run" / "embed.sock"
+    log = (tmp_path / "server.log").open("w+")  # a file, not a pipe: nothing can fill it up
     server = subprocess.Popen(
         [
             sys.executable,
@@ -79,7 +80,7 @@ def test_the_server_notifies_ready_when_serving_and_stopping_on_sigterm(
             "5",
         ],
         env=env,
-        stderr=subprocess.PIPE,
+        stderr=log,
         text=True,
     )
     try:
@@ -104,7 +105,9 @@ def test_the_server_notifies_ready_when_serving_and_stopping_on_sigterm(
         if server.poll() is None:
             server.kill()
             server.wait()
-    stderr = server.stderr.read() if server.stderr else ""
+    log.seek(0)
+    stderr = log.read()
+    log.close()
     # The first-time hint: the command that embeds a text with this server.
     [hint] = [line for line in stderr.splitlines() if line.startswith("try: ")]
     assert f"embed --socket {sock_path}" in hint and "hello world" in hint
