@@ -542,16 +542,16 @@ class EmbeddingService:
                     tokens, positions = tokens.select(run), positions[run]
                 output = await self._compute(engine, tokens, interactive=False)
         vectors = finish_batch(output.vectors, space.dimensions, options.normalize)
-        good = self._check_finite(engine, vectors)
+        finite = self._check_finite(engine, vectors)
+        good = finite.copy()
         failed: dict[int, EmbedError] = {}  # group index -> its first error
         for row, failure in sorted(output.errors.items()):
             good[row] = False
             failed.setdefault(int(positions[row]), as_embed_error(failure))
+        for row in np.flatnonzero(~finite).tolist():
+            if row not in output.errors and int(positions[row]) not in failed:
+                failed[int(positions[row])] = ModelNotAvailable(self._refused[engine.name])
         if not good.all():
-            for row in np.flatnonzero(~good).tolist():
-                failed.setdefault(
-                    int(positions[row]), ModelNotAvailable(self._refused[engine.name])
-                )
             # An item whose window failed fails whole: none of its rows are sent.
             good &= ~np.isin(positions, list(failed))
             vectors = vectors[good]
