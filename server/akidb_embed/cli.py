@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -429,9 +430,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(try_line(server), file=sys.stderr, flush=True)
 
     try:
-        return asyncio.run(run_server(config, on_serving))
+        code = asyncio.run(run_server(config, on_serving))
     except SocketInUse as error:
         return fail(str(error))
+    # Everything is stopped and drained: leave without the interpreter's teardown, where
+    # native thread pools (MLX, the tokenizer's, oneDNN's) can abort the process on their
+    # way out and turn a clean exit 0 into SIGABRT.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def read_texts(args: argparse.Namespace) -> list[str] | str:
