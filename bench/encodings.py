@@ -8,8 +8,6 @@ row; decode is the client's one `frombuffer` per response.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +15,8 @@ import numpy as np
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb_embed.encodings import Encoding, Ranges, decode, encode
 from akidb_embed.engine import finish_batch
+
+from .wire import per_call_us  # best of 5 rounds, microseconds per call
 
 ROWS_PER_RESPONSE = 64
 _PB = {
@@ -38,16 +38,6 @@ class EncodingCost:
     vs_float32: float  # wire bytes against float32
     encode_us_per_vector: float
     decode_us_per_vector: float
-
-
-def _best_us(call: Callable[[], object], rounds: int) -> float:
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(rounds):
-            call()
-        best = min(best, time.perf_counter() - started)
-    return best / rounds * 1e6
 
 
 def measure_encodings(vectors: np.ndarray, rounds: int = 200) -> list[EncodingCost]:
@@ -76,9 +66,9 @@ def measure_encodings(vectors: np.ndarray, rounds: int = 200) -> list[EncodingCo
                 row_bytes=encoding.row_bytes(dimensions),
                 wire_bytes_per_vector=wire,
                 vs_float32=wire / float32_wire,
-                encode_us_per_vector=_best_us(lambda e=encoding: encode(rows, e, ranges), rounds)
+                encode_us_per_vector=per_call_us(lambda e=encoding: encode(rows, e, ranges), rounds)
                 / len(rows),
-                decode_us_per_vector=_best_us(
+                decode_us_per_vector=per_call_us(
                     lambda e=encoding, d=data: decode(d, e, dimensions), rounds
                 )
                 / len(rows),

@@ -40,7 +40,7 @@ class WireCost:
     repeated_bytes: int
 
 
-def _per_call_us(call: Callable[[], object], rounds: int) -> float:
+def per_call_us(call: Callable[[], object], rounds: int) -> float:
     best = float("inf")
     for _ in range(5):
         started = time.perf_counter()
@@ -69,14 +69,14 @@ def measure_wire(dimensions: int, rounds: int = 2000) -> WireCost:
 
     return WireCost(
         dimensions=dimensions,
-        packed_encode_us=_per_call_us(
+        packed_encode_us=per_call_us(
             lambda: packed_cls(v=vector.astype("<f4").tobytes()).SerializeToString(), rounds
         ),
-        repeated_encode_us=_per_call_us(
+        repeated_encode_us=per_call_us(
             lambda: repeated_cls(v=vector.tolist()).SerializeToString(), rounds
         ),
-        packed_decode_us=_per_call_us(packed_decode, rounds),
-        repeated_decode_us=_per_call_us(repeated_decode, rounds),
+        packed_decode_us=per_call_us(packed_decode, rounds),
+        repeated_decode_us=per_call_us(repeated_decode, rounds),
         packed_bytes=len(packed_wire),
         repeated_bytes=len(repeated_wire),
     )
