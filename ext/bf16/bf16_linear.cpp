@@ -9,6 +9,7 @@
 //   mlx_version() -> str         the mlx it was built against (its C++ ABI)
 //   isa() -> str                 oneDNN's effective CPU ISA, e.g. "avx512_core_bf16"
 //   bf16_supported() -> bool     whether that ISA has bf16 dot-product instructions
+//   bf16_runnable() -> bool      whether oneDNN has any bf16 matmul here (else: AVX2 only)
 //   set_threads(n)               threads for the matmuls (OpenMP builds of oneDNN)
 //   PackedLinear(weight, bias)   weight (out, in) float array, bias (out,) or None
 //   linear(x, packed) -> array   x (..., in) -> (..., out), float32
@@ -17,7 +18,6 @@
 #include <dnnl.hpp>
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
-#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 
 #include <immintrin.h>
@@ -151,6 +151,34 @@ dnnl::matmul::primitive_desc make_pd(int64_t rows, int64_t in, int64_t out, bool
 #endif
 }
 
+std::string isa_name() {
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::sse41: return "sse41";
+    case dnnl::cpu_isa::avx: return "avx";
+    case dnnl::cpu_isa::avx2: return "avx2";
+    case dnnl::cpu_isa::avx512_core: return "avx512_core";
+    case dnnl::cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_amx: return "avx512_core_amx";
+    default: return "other";
+  }
+}
+
+// Whether oneDNN has any bf16 matmul for this CPU: native (AVX512-BF16, AMX) or emulated
+// (AVX512 without bf16). On AVX2 alone, oneDNN 2.x has none and every layer would fail.
+bool bf16_runnable() {
+  static const bool runnable = [] {
+    try {
+      dnnl::memory::desc any({64, 64}, dt::bf16, tag::any);
+      make_pd(16, 64, 64, false, any);
+      return true;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }();
+  return runnable;
+}
+
 // The plan for this shape; `packed_md` is the layout the caller's weight is packed in, which
 // the plan takes when its kernel accepts it.
 std::shared_ptr<Plan> plan_for(int64_t rows, int64_t in, int64_t out, bool bias,
@@ -179,10 +207,16 @@ size_t plan_count() {
   return g_plans.size();
 }
 
-class PackedLinear {
+// The packed weight. Owned from C++ only (see PackedLinear below): MLX's graph and its CPU
+// stream thread hold it, and must never hold a Python reference.
+class PackedWeight {
  public:
-  PackedLinear(mx::array weight, std::optional<mx::array> bias) {
+  PackedWeight(mx::array weight, std::optional<mx::array> bias) {
     if (weight.ndim() != 2) throw std::invalid_argument("weight must be (out, in)");
+    if (!bf16_runnable()) {
+      throw std::runtime_error("oneDNN has no bf16 matmul for this CPU (its ISA: " + isa_name() +
+                               ")");
+    }
     out_ = weight.shape(0);
     in_ = weight.shape(1);
     weight = mx::contiguous(mx::astype(weight, mx::float32));
@@ -267,11 +301,29 @@ class PackedLinear {
   std::vector<std::pair<dnnl::memory::desc, dnnl::memory>> relaid_;
 };
 
+// What Python holds: a handle to a C++-owned PackedWeight. A std::shared_ptr that nanobind
+// makes from a Python object releases it under the GIL; if the last copy of one died on MLX's
+// CPU stream thread (the primitive and the dispatched task below keep copies) while the
+// Python thread held the GIL waiting for that eval, the process would deadlock.
+class PackedLinear {
+ public:
+  PackedLinear(mx::array weight, std::optional<mx::array> bias)
+      : weight_(std::make_shared<PackedWeight>(std::move(weight), std::move(bias))) {}
+  const std::shared_ptr<PackedWeight>& weight() const { return weight_; }
+  int64_t in_features() const { return weight_->in_features(); }
+  int64_t out_features() const { return weight_->out_features(); }
+  bool has_bias() const { return weight_->has_bias(); }
+  size_t nbytes() const { return weight_->nbytes(); }
+
+ private:
+  std::shared_ptr<PackedWeight> weight_;
+};
+
 // ---- The MLX primitive -------------------------------------------------------------------
 
 class Bf16Linear : public mx::UnaryPrimitive {
  public:
-  Bf16Linear(mx::Stream stream, std::shared_ptr<PackedLinear> packed)
+  Bf16Linear(mx::Stream stream, std::shared_ptr<PackedWeight> packed)
       : mx::UnaryPrimitive(stream), packed_(std::move(packed)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
@@ -307,10 +359,11 @@ class Bf16Linear : public mx::UnaryPrimitive {
   }
 
  private:
-  std::shared_ptr<PackedLinear> packed_;
+  std::shared_ptr<PackedWeight> packed_;
 };
 
-mx::array linear(const mx::array& x, std::shared_ptr<PackedLinear> packed) {
+mx::array linear(const mx::array& x, const PackedLinear& handle) {
+  const std::shared_ptr<PackedWeight>& packed = handle.weight();
   if (x.ndim() < 1 || x.shape(-1) != packed->in_features()) {
     throw std::invalid_argument("linear: the input's last dimension must be " +
                                 std::to_string(packed->in_features()));
@@ -319,21 +372,7 @@ mx::array linear(const mx::array& x, std::shared_ptr<PackedLinear> packed) {
   mx::array input = mx::contiguous(mx::astype(x, mx::float32, s), false, s);
   mx::Shape shape = input.shape();
   shape.back() = static_cast<int>(packed->out_features());
-  return mx::array(shape, mx::float32, std::make_shared<Bf16Linear>(s, std::move(packed)),
-                   {input});
-}
-
-std::string isa_name() {
-  switch (dnnl::get_effective_cpu_isa()) {
-    case dnnl::cpu_isa::sse41: return "sse41";
-    case dnnl::cpu_isa::avx: return "avx";
-    case dnnl::cpu_isa::avx2: return "avx2";
-    case dnnl::cpu_isa::avx512_core: return "avx512_core";
-    case dnnl::cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
-    case dnnl::cpu_isa::avx512_core_bf16: return "avx512_core_bf16";
-    case dnnl::cpu_isa::avx512_core_amx: return "avx512_core_amx";
-    default: return "other";
-  }
+  return mx::array(shape, mx::float32, std::make_shared<Bf16Linear>(s, packed), {input});
 }
 
 bool bf16_supported() {
@@ -347,6 +386,8 @@ NB_MODULE(_bf16, m) {
   m.doc() = "bf16 linear layers for MLX's CPU backend (oneDNN matmul)";
   m.def("isa", &isa_name, "oneDNN's effective CPU ISA");
   m.def("bf16_supported", &bf16_supported, "whether the CPU has bf16 dot-product kernels");
+  m.def("bf16_runnable", &bf16_runnable,
+        "whether oneDNN can run a bf16 matmul here at all (natively or emulated)");
   m.def("mlx_version", [] { return std::string(AKIDB_MLX_VERSION); },
         "the mlx version this module was built against");
   m.def("onednn_version", [] {

@@ -52,6 +52,23 @@ def load_error() -> str | None:
     return _error
 
 
+def runnable() -> bool:
+    """Whether bf16 layers can run here: the extension loads and oneDNN has a bf16 matmul
+    for this CPU (native, or emulated on AVX512 without bf16; none on AVX2 alone)."""
+    ext = extension()
+    return ext is not None and bool(ext.bf16_runnable())
+
+
+def unavailable_reason() -> str:
+    """Why `runnable()` is False; "" when it is True."""
+    ext = extension()
+    if ext is None:
+        return str(load_error())
+    if not ext.bf16_runnable():
+        return f"oneDNN has no bf16 matmul for this CPU (its ISA: {ext.isa()})"
+    return ""
+
+
 def describe() -> str:
     """e.g. "onednn 2.6.3 avx512_core_bf16"; "" without the extension."""
     ext = extension()

@@ -122,10 +122,10 @@ def resolve_cpu_path(
     cpu_bf16_flags = sorted(BF16_CPU_FLAGS & flags)
     ext = cpu_bf16.extension()
     if choice is CpuPrecision.BF16:
-        if ext is None:
+        if not cpu_bf16.runnable():
             raise ModelLoadError(
-                f"{CPU_PRECISION_ENV}=bf16, but {cpu_bf16.load_error()}; "
-                "or use --cpu-precision auto"
+                f"{CPU_PRECISION_ENV}=bf16, but {cpu_bf16.unavailable_reason()}; "
+                "use --cpu-precision auto or fp32"
             )
         note = "" if cpu_bf16_flags else "; this CPU has no bf16 instructions: slow"
         return CpuPath(True, cpu_bf16.describe() + note)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,8 +78,52 @@ def test_auto_picks_bf16_with_flags_and_extension() -> None:
     assert path.bf16 == bool(ext.bf16_supported())
     if path.bf16:
         assert path.describe().startswith("bf16 linears (onednn ")
-    # Forcing bf16 works with the extension on any CPU (oneDNN may emulate it: slowly).
-    assert resolve_cpu_path(env("bf16"), AVX2_FLAGS).bf16
+
+
+def fake_extension(monkeypatch: pytest.MonkeyPatch, *, runnable: bool, isa: str) -> None:
+    """An extension that loads, with oneDNN seeing `isa` (the real one depends on the CPU)."""
+    fake = SimpleNamespace(
+        bf16_runnable=lambda: runnable,
+        bf16_supported=lambda: isa in ("avx512_core_bf16", "avx512_core_amx"),
+        isa=lambda: isa,
+        onednn_version=lambda: "2.6.3",
+    )
+    monkeypatch.setattr(cpu_bf16, "_module", fake)
+    monkeypatch.setattr(cpu_bf16, "_error", None)
+
+
+def test_forced_bf16_runs_emulated_and_says_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # AVX512 without bf16 instructions: oneDNN emulates bf16.
+    fake_extension(monkeypatch, runnable=True, isa="avx512_core")
+    path = resolve_cpu_path(env("bf16"), {"avx512f"})
+    assert path.bf16
+    assert path.reason == "onednn 2.6.3 avx512_core; this CPU has no bf16 instructions: slow"
+    assert not resolve_cpu_path({}, {"avx512f"}).bf16
+
+
+def test_forced_bf16_where_onednn_has_no_kernel_fails_to_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # AVX2 alone: every bf16 layer would fail at load, so the engine refuses up front.
+    fake_extension(monkeypatch, runnable=False, isa="avx2")
+    with pytest.raises(ModelLoadError, match=r"no bf16 matmul for this CPU \(its ISA: avx2\)"):
+        resolve_cpu_path(env("bf16"), AVX2_FLAGS)
+    assert not resolve_cpu_path({}, AVX2_FLAGS).bf16
+
+
+def test_real_extension_knows_whether_it_can_run() -> None:
+    ext = cpu_bf16.extension()
+    if ext is None:
+        pytest.skip(str(cpu_bf16.load_error()))
+    if ext.bf16_supported():
+        assert ext.bf16_runnable()
+    if cpu_bf16.runnable():
+        assert resolve_cpu_path(env("bf16"), AVX2_FLAGS).bf16
+        assert cpu_bf16.unavailable_reason() == ""
+    else:
+        assert ext.isa() in ("sse41", "avx", "avx2")
+        with pytest.raises(ModelLoadError, match="no bf16 matmul"):
+            resolve_cpu_path(env("bf16"), AVX2_FLAGS)
 
 
 def test_backend_string_names_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> None:
