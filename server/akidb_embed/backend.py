@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from .blas import describe_cpu_blas
+from .device import gpu_backend
 
 
 def describe_backend() -> str:
-    if mx.metal.is_available():
-        return "gpu (metal)"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        return "gpu (cuda)"
+    gpu = gpu_backend()
+    if gpu is not None:
+        return f"gpu ({gpu})"
     return f"cpu ({blas_name()}; {cpu_precision()})"
 
 

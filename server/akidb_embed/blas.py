@@ -23,6 +23,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .device import gpu_backend
+
 # Set in the re-executed process so a preload that does not take cannot loop.
 REEXEC_GUARD = "AKIDB_EMBED_BLAS_REEXEC"
 # "0" turns the automatic preload off (to measure the bundled BLAS, say).
@@ -119,18 +121,12 @@ def blas_env(env: Mapping[str, str], library: Path) -> dict[str, str]:
     return out
 
 
-def mlx_uses_gpu() -> bool:
-    import mlx.core as mx
-
-    return bool(mx.metal.is_available() or mx.is_available(mx.gpu))
-
-
 def should_reexec(env: Mapping[str, str]) -> Path | None:
     """The library to preload, or None when this process should run as it is."""
     if sys.platform != "linux" or env.get(OPT_OUT) == "0" or env.get(REEXEC_GUARD):
         return None
     library = openblas_library()
-    if library is None or mlx_uses_gpu():
+    if library is None or gpu_backend() is not None:
         return None
     # Preloaded by hand: re-exec only to fix a generic-core fallback.
     if openblas_loaded() and (
@@ -201,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = args[1:]
     if args:
         run_with_fast_blas(args)
-    from .backend import describe_backend
-
-    print(describe_backend())
+    print(describe_cpu_blas())
 
 
 if __name__ == "__main__":

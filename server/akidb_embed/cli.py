@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from . import __version__
-from .blas import ensure_fast_blas, mlx_uses_gpu
+from .blas import ensure_fast_blas
+from .device import gpu_backend
 from .http_api import ApiKeyError, load_api_keys
 from .logs import configure_logging
 from .model_cache import human_size
@@ -361,7 +362,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     if args.cpu_precision:  # before engine workers spawn: they inherit the environment
         os.environ[CPU_PRECISION_ENV] = args.cpu_precision
-    on_gpu = mlx_uses_gpu()
+    on_gpu = gpu_backend() is not None
     if args.no_socket and args.port is None:
         return fail("--no-socket needs --port")
     api_keys: tuple[str, ...] = ()

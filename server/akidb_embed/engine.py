@@ -1,6 +1,13 @@
-"""A loaded embedding model: tokenizer, MLX network, pooling head and the facts about it.
+"""A loaded embedding model, in two halves.
 
-Domain code only: no gRPC. `forward` must run on the compute thread (batching.py).
+The front (EmbeddingEngine: tokenizer, profile, embedding spaces, calibration) lives in the
+server process. The back (Network: the MLX network and its pooling heads) lives in whichever
+process computes: the server's own compute thread, or each engine worker process
+(workers.py), in which case the server holds no weights and the front's `compute` sends
+batches to the workers.
+
+Domain code only: no gRPC. A local network's `forward_packed` must run on the compute thread
+(batching.py).
 """
 
 from __future__ import annotations
@@ -106,9 +113,62 @@ class EmbeddingSpace:
 
 # A module applied to pooled vectors (e.g. sentence-transformers Dense layers).
 Head = Callable[[mx.array], mx.array]
+# Pooled float32 vectors (B, native dim) of B texts whose ids lie back to back.
+Compute = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class Network:
+    """The back half: the MLX network, its pooling and heads. Holds the weights."""
+
+    def __init__(
+        self,
+        model: EncoderModel,
+        pooling: Pooling,
+        heads: Sequence[Head] = (),
+        pad_id: int = 0,
+        memory_bytes: int = 0,
+    ) -> None:
+        self.model = model
+        self.pooling = pooling
+        self.heads = list(heads)
+        self.pad_id = pad_id
+        self.memory_bytes = memory_bytes
+
+    def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Pooled float32 vectors (B, native dim), before normalisation, of B texts whose
+        ids lie back to back in `ids`. The thread that owns this network's MLX work only."""
+        lengths = np.asarray(lengths, dtype=np.int32)
+        width = int(lengths.max())
+        padded = np.full((len(lengths), width), self.pad_id, dtype=np.int32)
+        # Row-major boolean assignment fills each row's first lengths[i] slots in order.
+        padded[np.arange(width)[None, :] < lengths[:, None]] = ids
+        length_arr = mx.array(lengths)
+        hidden = self.model.encode(mx.array(padded), length_arr)
+        pooled = pool(hidden, length_arr, self.pooling)
+        for head in self.heads:
+            pooled = head(pooled)
+        pooled = pooled.astype(mx.float32)
+        mx.eval(pooled)
+        return np.array(pooled, copy=False)
+
+
+@dataclass(frozen=True)
+class NetworkFacts:
+    """What loading a network decides, that the front needs: sent back by engine workers."""
+
+    dtype: str
+    dimensions: int
+    memory_bytes: int
 
 
 class EmbeddingEngine:
+    """The front half: what the server needs to tokenise, check options and label vectors.
+
+    With a local `network` it computes on the calling thread; with a `compute` function
+    instead (engine workers) it holds no weights, and `memory_bytes` counts the copies the
+    workers hold.
+    """
+
     def __init__(
         self,
         *,
@@ -117,20 +177,23 @@ class EmbeddingEngine:
         revision: str,
         profile: ModelProfile,
         tokenizer: TextTokenizer,
-        model: EncoderModel,
-        heads: Sequence[Head] = (),
-        pad_id: int = 0,
-        memory_bytes: int = 0,
+        network: Network | None = None,
+        compute: Compute | None = None,
+        memory_bytes: int | None = None,
     ) -> None:
+        if network is not None:
+            compute = network.forward_packed
+            memory_bytes = network.memory_bytes if memory_bytes is None else memory_bytes
+        if compute is None:
+            raise ValueError("an engine computes with a local network or a compute function")
         self.name = name
         self.source = source
         self.revision = revision
         self.profile = profile
         self.tokenizer = tokenizer
-        self.model = model
-        self.heads = list(heads)
-        self.pad_id = pad_id
-        self.memory_bytes = memory_bytes
+        self.network = network
+        self._compute = compute
+        self.memory_bytes = memory_bytes or 0
         # Spaces by (dimensions, normalize, encoding): built once, not per request.
         self._spaces: dict[tuple[int, bool, Encoding], EmbeddingSpace] = {}
         # Pooled native vectors of the calibration corpus (model_records.py), for ranges.
@@ -239,20 +302,23 @@ class EmbeddingEngine:
 
     def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Pooled float32 vectors (B, native dim), before normalisation, of B texts whose
-        ids lie back to back in `ids`. The thread that owns this engine's MLX work only."""
-        lengths = np.asarray(lengths, dtype=np.int32)
-        width = int(lengths.max())
-        padded = np.full((len(lengths), width), self.pad_id, dtype=np.int32)
-        # Row-major boolean assignment fills each row's first lengths[i] slots in order.
-        padded[np.arange(width)[None, :] < lengths[:, None]] = ids
-        length_arr = mx.array(lengths)
-        hidden = self.model.encode(mx.array(padded), length_arr)
-        pooled = pool(hidden, length_arr, self.profile.pooling)
-        for head in self.heads:
-            pooled = head(pooled)
-        pooled = pooled.astype(mx.float32)
-        mx.eval(pooled)
-        return np.array(pooled, copy=False)
+        ids lie back to back in `ids`. A local network: its compute thread only."""
+        return self._compute(ids, lengths)
+
+    @property
+    def model(self) -> EncoderModel:
+        """The local network's MLX model (tests, tools); an engine-worker front has none."""
+        if self.network is None:
+            raise ModelNotAvailable(f"model {self.name!r} computes in the engine workers")
+        return self.network.model
+
+    @property
+    def heads(self) -> list[Head]:
+        return [] if self.network is None else self.network.heads
+
+    @property
+    def facts(self) -> NetworkFacts:
+        return NetworkFacts(self.profile.dtype, self.profile.dimensions, self.memory_bytes)
 
     def warm_up(self) -> np.ndarray:
         """Run one forward (kernels compile, buffers allocate); raise if the weights give

@@ -47,6 +47,7 @@ from .errors import (
     Unavailable,
     UnsupportedModel,
 )
+from .loader import PICKLED_SUFFIXES
 from .model_cache import (
     CacheCheck,
     HubRef,
@@ -59,6 +60,7 @@ from .model_cache import (
     inspect,
     offline_mode,
 )
+from .models import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,6 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 WANTED_SUFFIXES = (".json", ".safetensors", ".txt")
 # sentence-transformers module folders are named "<index>_<Module>": 1_Pooling, 2_Dense.
 MODULE_DIR_RE = re.compile(r"\d+_[A-Za-z]\w*")
-PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Partial downloads older than this belong to a process that died mid-pull.
 STALE_PARTIAL_S = 60.0
 API_TIMEOUT_S = 30.0
@@ -218,8 +219,6 @@ def _check_weights_present(ref: HubRef, names: list[str], chosen: list[str]) -> 
 
 
 def _check_architecture(ref: HubRef, config_path: Path) -> None:
-    from .models import ARCHITECTURES
-
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:

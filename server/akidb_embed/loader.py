@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from . import cpu_bf16
 from .blas import openblas_threads
-from .engine import EmbeddingEngine, ModelProfile
+from .engine import Compute, EmbeddingEngine, ModelProfile, Network, NetworkFacts
 from .errors import ModelLoadError
 from .models import architecture_module
 from .models.base import Pooling
@@ -32,6 +32,7 @@ from .precision import (
 from .quantization import quantize_like
 from .tokenization import TextTokenizer
 
+# Weights in these formats are pickles (code on load): never loaded, named in errors.
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -219,25 +220,65 @@ def parameter_bytes(module: nn.Module) -> int:
     return arrays + cpu_bf16.packed_bytes(module)
 
 
-def load_engine(
-    model_dir: Path,
-    *,
-    name: str,
-    source: str,
-    revision: str,
-    precision: PrecisionPolicy | None = None,
-    cpu_precision: CpuPrecision | None = None,
-) -> EmbeddingEngine:
-    """Load a model directory. Raises ModelLoadError with a message a person can act on.
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model directory says without loading its weights: the front's half."""
 
-    `precision` defaults to the AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST environment,
-    `cpu_precision` to AKIDB_EMBED_CPU_PRECISION (precision.py).
-    """
+    directory: Path
+    config: dict[str, Any]
+    model_type: str
+    arch: ModuleType
+    pipeline: Pipeline
+    max_tokens: int
+    tokenizer: TextTokenizer
+    pad_id: int
+
+
+def read_model_files(model_dir: Path) -> ModelFiles:
+    """config.json, the sentence-transformers pipeline and the tokenizer; no weights."""
     if not (model_dir / "config.json").exists():
         raise ModelLoadError(f"{model_dir} has no config.json; it is not a model directory")
     config = read_json(model_dir / "config.json")
     model_type = str(config.get("model_type", ""))
     arch = architecture_module(model_type)
+    pipeline = read_pipeline(model_dir, arch)
+    max_tokens = pipeline.max_tokens or int(config.get("max_position_embeddings", 512))
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise ModelLoadError(f"{model_dir} has no tokenizer.json")
+    try:
+        raw_tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+        raise ModelLoadError(f"cannot read {tokenizer_file}: {exc}") from exc
+    prepare_tokenizer = getattr(arch, "prepare_tokenizer", None)
+    if prepare_tokenizer is not None:
+        prepare_tokenizer(raw_tokenizer)
+    pad_id = config.get("pad_token_id")
+    return ModelFiles(
+        directory=model_dir,
+        config=config,
+        model_type=model_type,
+        arch=arch,
+        pipeline=pipeline,
+        max_tokens=max_tokens,
+        tokenizer=TextTokenizer(raw_tokenizer, max_tokens),
+        pad_id=int(pad_id) if isinstance(pad_id, int) else 0,
+    )
+
+
+def load_network(
+    files: ModelFiles,
+    precision: PrecisionPolicy | None = None,
+    cpu_precision: CpuPrecision | None = None,
+) -> tuple[Network, str, int]:
+    """The back half: the network and its heads, precision applied. Returns it, its dtype
+    label and its output width."""
+    model_dir, config, arch, model_type = (
+        files.directory,
+        files.config,
+        files.arch,
+        files.model_type,
+    )
     try:
         args = arch.ModelArgs.from_dict(config)
     except (TypeError, ValueError, KeyError) as exc:
@@ -275,53 +316,89 @@ def load_engine(
     model.eval()
     mx.eval(model.parameters())
 
-    pipeline = read_pipeline(model_dir, arch)
-    max_tokens = pipeline.max_tokens or int(config.get("max_position_embeddings", 512))
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.exists():
-        raise ModelLoadError(f"{model_dir} has no tokenizer.json")
-    try:
-        raw_tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
-        raise ModelLoadError(f"cannot read {tokenizer_file}: {exc}") from exc
-    prepare_tokenizer = getattr(arch, "prepare_tokenizer", None)
-    if prepare_tokenizer is not None:
-        prepare_tokenizer(raw_tokenizer)
-    tokenizer = TextTokenizer(raw_tokenizer, max_tokens)
-
     heads: list[DenseHead] = []
     dimensions = int(config["hidden_size"])
-    for index in range(max(len(pipeline.dense_dirs), len(folded_dense))):
-        path = pipeline.dense_dirs[index] if index < len(pipeline.dense_dirs) else None
+    dense_dirs = files.pipeline.dense_dirs
+    for index in range(max(len(dense_dirs), len(folded_dense))):
+        path = dense_dirs[index] if index < len(dense_dirs) else None
         folded = folded_dense[index] if index < len(folded_dense) else None
         heads.append(dense_head(path, folded, config, dimensions))
         dimensions = int(heads[-1].linear.weight.shape[0])
     mx.eval([head.parameters() for head in heads])
+    network = Network(
+        model,
+        files.pipeline.pooling,
+        heads,
+        pad_id=files.pad_id,
+        memory_bytes=parameter_bytes(model) + sum(parameter_bytes(h) for h in heads),
+    )
+    return network, dtype, dimensions
 
+
+def model_profile(files: ModelFiles, dtype: str, dimensions: int) -> ModelProfile:
+    arch = files.arch
     min_dimensions = getattr(arch, "MIN_DIMENSIONS", None)
-    pad_id = config.get("pad_token_id")
-    profile = ModelProfile(
-        architecture=model_type,
+    return ModelProfile(
+        architecture=files.model_type,
         dimensions=dimensions,
-        max_tokens=max_tokens,
-        pooling=pipeline.pooling,
-        normalize=pipeline.normalize,
+        max_tokens=files.max_tokens,
+        pooling=files.pipeline.pooling,
+        normalize=files.pipeline.normalize,
         dtype=dtype,
-        prompts=read_prompts(model_dir, arch),
+        prompts=read_prompts(files.directory, arch),
         matryoshka_dimensions=tuple(
             d for d in getattr(arch, "MATRYOSHKA_DIMENSIONS", ()) if d < dimensions
         ),
         min_dimensions=min_dimensions if min_dimensions and min_dimensions < dimensions else None,
         instruction_template=getattr(arch, "INSTRUCTION_TEMPLATE", None),
     )
+
+
+def load_engine(
+    model_dir: Path,
+    *,
+    name: str,
+    source: str,
+    revision: str,
+    precision: PrecisionPolicy | None = None,
+    cpu_precision: CpuPrecision | None = None,
+) -> EmbeddingEngine:
+    """Load a model directory, both halves. Raises ModelLoadError with a message a person
+    can act on.
+
+    `precision` defaults to the AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST environment,
+    `cpu_precision` to AKIDB_EMBED_CPU_PRECISION (precision.py).
+    """
+    files = read_model_files(model_dir)
+    network, dtype, dimensions = load_network(files, precision, cpu_precision)
     return EmbeddingEngine(
         name=name,
         source=source,
         revision=revision,
-        profile=profile,
-        tokenizer=tokenizer,
-        model=model,
-        heads=heads,
-        pad_id=int(pad_id) if isinstance(pad_id, int) else 0,
-        memory_bytes=parameter_bytes(model) + sum(parameter_bytes(h) for h in heads),
+        profile=model_profile(files, dtype, dimensions),
+        tokenizer=files.tokenizer,
+        network=network,
+    )
+
+
+def load_front(
+    model_dir: Path,
+    *,
+    name: str,
+    source: str,
+    revision: str,
+    facts: NetworkFacts,
+    compute: Compute,
+) -> EmbeddingEngine:
+    """The front half alone, for a network loaded elsewhere (engine workers): `facts` are
+    what loading it decided, `compute` runs a batch on it. Reads no weights."""
+    files = read_model_files(model_dir)
+    return EmbeddingEngine(
+        name=name,
+        source=source,
+        revision=revision,
+        profile=model_profile(files, facts.dtype, facts.dimensions),
+        tokenizer=files.tokenizer,
+        compute=compute,
+        memory_bytes=facts.memory_bytes,
     )

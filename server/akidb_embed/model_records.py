@@ -36,6 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from .corpus import calibration_texts, probe_texts
+from .device import device_kind
 from .engine import EmbeddingEngine, EmbedOptions, finish_batch
 from .errors import ModelLoadError
 from .model_cache import MANIFEST_DIR, cache_dir
@@ -66,10 +67,6 @@ def records_dir(directory: Path, source: str, revision: str, root: Path | None =
 
 def mlx_version() -> str:
     return str(getattr(mx, "__version__", "unknown"))
-
-
-def device_kind() -> str:
-    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
 
 
 def path_key(engine: EmbeddingEngine) -> str:

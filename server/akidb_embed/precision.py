@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import cpu_bf16
+from .device import on_gpu
 from .errors import ModelLoadError
 from .quantization import bits_label, quantized_bits
 
@@ -149,7 +150,7 @@ def log_cpu_path(path: CpuPath) -> None:
 
 
 def running_on_cpu() -> bool:
-    return bool(mx.default_device().type == mx.DeviceType.cpu)
+    return not on_gpu()
 
 
 def dequantize_linears(module: nn.Module) -> None:

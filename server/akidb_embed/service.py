@@ -30,13 +30,13 @@ from .errors import (
     Overloaded,
     Unavailable,
 )
-from .loader import load_engine
+from .loader import load_engine, load_front
 from .metrics import Metrics
 from .pulls import ModelFetcher, PullLimits
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
 from .tokenization import TokenBatch, Truncation, pack
-from .workers import ModelSpec
+from .workers import ModelSpec, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,9 @@ class EmbeddingService:
         except ModelLoadError as failure:  # damaged files, or a model that cannot be served
             await self._failed_to_load(entry, failure)
             raise
-        await self._make_room(entry, located.size_bytes)
+        pool = self.worker.pool
+        # Every process that computes holds its own copy of the weights.
+        await self._make_room(entry, located.size_bytes * (pool.processes if pool else 1))
         started = time.monotonic()
         log.info("loading model %s from %s", entry.name, located.directory)
 
@@ -234,11 +236,10 @@ class EmbeddingService:
 
         try:
             with self.metrics.time_model_load(entry.name):
-                engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
-                pool = self.worker.pool
-                if pool is not None:  # every engine process too, off the scheduler thread
-                    spec = ModelSpec(entry.name, located.directory, entry.source, located.revision)
-                    await asyncio.to_thread(pool.load, spec)
+                if pool is None:
+                    engine = await asyncio.wrap_future(self.worker.call(load_and_warm))
+                else:  # off the scheduler thread: it keeps serving the other models
+                    engine = await asyncio.to_thread(self._load_in_workers, pool, entry, located)
         except Exception as exc:
             error = (
                 exc
@@ -251,6 +252,34 @@ class EmbeddingService:
         self.residents.add(engine, pinned=False)
         log.info("model %s ready in %.2fs", entry.name, time.monotonic() - started)
         await self._notify(entry.name, True)
+        return engine
+
+    def _load_in_workers(
+        self, pool: WorkerPool, entry: ModelEntry, located: LocatedModel
+    ) -> EmbeddingEngine:
+        """Engine workers load (and warm up) the network; this process keeps only the front
+        half, whose forwards (self-check, calibration) run in the workers too."""
+        spec = ModelSpec(entry.name, located.directory, entry.source, located.revision)
+        facts = pool.load(spec)
+        name = entry.name
+
+        def compute(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+            return pool.submit(name, ids, lengths).result()
+
+        try:
+            engine = load_front(
+                located.directory,
+                name=name,
+                source=entry.source,
+                revision=located.revision,
+                facts=facts,
+                compute=compute,
+            )
+            engine.memory_bytes = facts.memory_bytes * pool.processes
+            engine.records_folder = model_records.prepare(engine, located.directory)
+        except BaseException:
+            pool.unload(name)
+            raise
         return engine
 
     def _check_accepting(self) -> None:
@@ -361,7 +390,11 @@ class EmbeddingService:
                     engine.calibration = model_records.load_calibration(engine, folder)
 
             log.info("calibrating model %s for int8/uint8", engine.name)
-            pending = asyncio.wrap_future(self.worker.call(calibrate))
+            pending = (
+                asyncio.wrap_future(self.worker.call(calibrate))
+                if engine.network is not None
+                else asyncio.ensure_future(asyncio.to_thread(calibrate))  # engine workers
+            )
             self._calibrating[engine.name] = pending
             pending.add_done_callback(lambda _: self._calibrating.pop(engine.name, None))
         try:

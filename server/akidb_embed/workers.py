@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from .engine import NetworkFacts
 from .errors import EmbedError, ErrorKind, ModelLoadError, ModelNotAvailable, Unavailable
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class Request:
 @dataclass(frozen=True)
 class Reply:
     vectors: np.ndarray | None = None  # FORWARD: float32 (B, dim)
+    facts: NetworkFacts | None = None  # LOAD: what loading decided (dtype, width, bytes)
     error: BaseException | None = None
 
 
@@ -168,8 +170,9 @@ def memory_limit() -> int | None:
 
 
 def workers_for_memory(budget_bytes: int, model_bytes: int = DEFAULT_MODEL_BYTES) -> int:
-    """How many engine workers fit in `budget_bytes` next to the server process."""
-    usable = budget_bytes * MEMORY_HEADROOM - SERVER_BYTES - model_bytes
+    """How many engine workers fit in `budget_bytes` next to the server process, which
+    holds no weights of its own while workers compute (engine.py's front half)."""
+    usable = budget_bytes * MEMORY_HEADROOM - SERVER_BYTES
     return max(0, int(usable // (WORKER_BASE_BYTES + model_bytes)))
 
 
@@ -270,6 +273,7 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
                 )
                 engine.warm_up()
                 engines[spec.name] = engine
+                reply = Reply(facts=engine.facts)
             elif request.op is Op.UNLOAD:
                 engines.pop(request.model, None)
             elif request.op is Op.STOP:
@@ -364,6 +368,8 @@ class WorkerPool:
         self._desired: dict[str, ModelSpec] = {}
         # Per model: slot index -> error text of a failed load (cleared on the next load).
         self._load_errors: dict[str, dict[int, str]] = {}
+        # What loading each model decided, from the first process that loaded it.
+        self._facts: dict[str, NetworkFacts] = {}
         self._speed: dict[str, float] = {}
         self._listeners: list[Callable[[], None]] = []
         self._closing = False
@@ -416,9 +422,9 @@ class WorkerPool:
             except Exception:
                 log.exception("capacity listener failed")
 
-    def load(self, spec: ModelSpec, timeout: float | None = None) -> None:
+    def load(self, spec: ModelSpec, timeout: float | None = None) -> NetworkFacts:
         """Load (and warm up) a model in every process; raises ModelLoadError on failure.
-        Processes respawned later load it too."""
+        Processes respawned later load it too. Returns what loading decided (one copy)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._desired[spec.name] = spec
@@ -429,8 +435,9 @@ class WorkerPool:
                 if errors:
                     break
                 live = [s for s in self._slots if s.process is not None and s.process.is_alive()]
-                if live and all(spec.name in s.loaded for s in live):
-                    return
+                facts = self._facts.get(spec.name)
+                if live and facts is not None and all(spec.name in s.loaded for s in live):
+                    return facts
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     errors = {-1: f"not loaded after {timeout:.0f}s"}
@@ -444,6 +451,7 @@ class WorkerPool:
         with self._cond:
             self._desired.pop(name, None)
             self._load_errors.pop(name, None)
+            self._facts.pop(name, None)
             self._cond.notify_all()
 
     def submit(self, model: str, ids: np.ndarray, lengths: np.ndarray) -> Future[np.ndarray]:
@@ -579,6 +587,8 @@ class WorkerPool:
                             self._load_errors.setdefault(spec.name, {})[slot.index] = message
                         else:
                             slot.loaded.add(spec.name)
+                            if reply.facts is not None:
+                                self._facts[spec.name] = reply.facts
                         self._cond.notify_all()
                     if reply.error is not None:
                         time.sleep(backoff)

@@ -60,6 +60,16 @@ def test_workers_give_the_in_process_engines_vectors(pool: WorkerPool) -> None:
 
 
 @needs_minilm
+def test_load_returns_what_loading_the_network_decided(pool: WorkerPool) -> None:
+    assert MINILM is not None
+    local = load_engine(MINILM, name="minilm", source="minilm", revision="test")
+    facts = pool.load(ModelSpec("minilm", MINILM, "minilm", "test"))  # loaded: at once
+    assert facts == local.facts
+    assert facts.dimensions == 384 and facts.dtype == "float32"
+    assert facts.memory_bytes > 80 * 2**20  # one copy of all-MiniLM-L6-v2's weights
+
+
+@needs_minilm
 def test_a_model_not_loaded_in_the_workers_is_named(pool: WorkerPool) -> None:
     with pytest.raises(ModelNotAvailable, match="'other'"):
         pool.forward("other", [[101, 102]])
@@ -247,13 +257,15 @@ def test_the_default_worker_count_fits_the_memory_budget(monkeypatch: pytest.Mon
     mib = 2**20
     # Plenty of memory: one per core.
     assert workers.default_workers(False, memory_budget=64 * 2**30) == 16
-    # A 2 GiB container with the default model: 0.8 * 2048 - 256 - 90 = 1292 MiB, 200 each.
+    # A 2 GiB container with the default model: 0.8 * 2048 - 256 = 1382 MiB, 200 each (the
+    # server process holds no copy of the weights while workers compute).
     assert workers.default_workers(False, memory_budget=2048 * mib) == 6
     assert workers.default_workers(False, memory_budget=1024 * mib) == 2
     # Too small for two workers: the models run in the server process.
     assert workers.default_workers(False, memory_budget=512 * mib) == 0
     # Bigger models, fewer workers.
-    assert workers.default_workers(False, 8192 * mib, model_bytes=1200 * mib) == 3
+    # (0.8 * 8192 - 256) / (110 + 1200) = 4.8
+    assert workers.default_workers(False, 8192 * mib, model_bytes=1200 * mib) == 4
     # The container limit is used when no budget is given.
     monkeypatch.setattr(workers, "cgroup_memory_limit", lambda: 1024 * mib)
     assert workers.default_workers(False) == 2

@@ -48,3 +48,15 @@ def pool(hidden: mx.array, lengths: mx.array, pooling: Pooling) -> mx.array:
     mask = padding_mask(lengths, hidden.shape[1]).astype(hidden.dtype)[..., None]
     summed = (hidden * mask).sum(axis=1)
     return summed / mx.maximum(lengths.astype(hidden.dtype)[:, None], 1)
+
+
+def decoder_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """A decoder checkpoint's weights as the embedding model's keys: `model.`-prefixed, in
+    either spelling (bare `layers.0...` or CausalLM's `model.layers.0...`), without the LM
+    head and the rotary tables (computed, not loaded)."""
+    out: dict[str, mx.array] = {}
+    for key, value in weights.items():
+        if key.startswith("lm_head.") or key.endswith("rotary_emb.inv_freq"):
+            continue
+        out[key if key.startswith("model.") else f"model.{key}"] = value
+    return out

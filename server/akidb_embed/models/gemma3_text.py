@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ModelLoadError
-from .base import Pooling, padding_mask
+from .base import Pooling, decoder_weights, padding_mask
 from .mlx_lm_defs import mlx_lm_model
 
 _gemma3 = mlx_lm_model("gemma3_text")
@@ -134,9 +134,4 @@ class Model(nn.Module):
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """EmbeddingGemma's keys have no `model.` prefix; mlx-community conversions have it."""
-    out: dict[str, mx.array] = {}
-    for key, value in weights.items():
-        if key.startswith("lm_head.") or key.endswith("rotary_emb.inv_freq"):
-            continue
-        out[key if key.startswith("model.") else f"model.{key}"] = value
-    return out
+    return decoder_weights(weights)

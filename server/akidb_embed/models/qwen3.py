@@ -15,7 +15,7 @@ import mlx.nn as nn
 from tokenizers import Tokenizer, processors
 
 from ..errors import ModelLoadError
-from .base import Pooling
+from .base import Pooling, decoder_weights
 from .mlx_lm_defs import mlx_lm_model
 
 _qwen3 = mlx_lm_model("qwen3")
@@ -70,12 +70,7 @@ class Model(nn.Module):
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Accept Qwen3Model keys (`layers.0...`) and mlx-lm/CausalLM keys (`model.layers.0...`)."""
-    out: dict[str, mx.array] = {}
-    for key, value in weights.items():
-        if key.startswith("lm_head.") or key.endswith("rotary_emb.inv_freq"):
-            continue  # the LM head is not part of the embedding model
-        out[key if key.startswith("model.") else f"model.{key}"] = value
-    return out
+    return decoder_weights(weights)
 
 
 def prepare_tokenizer(tokenizer: Tokenizer) -> None:

