@@ -121,6 +121,8 @@ def measure(
 
 
 def table(rows: dict[str, Any]) -> str:
+    if "skipped" in rows:
+        return f"\nbf16 on the CPU: skipped ({rows['skipped']})"
     st, sv = rows["sentence_transformers"], rows["served"]
     lines = [
         "",

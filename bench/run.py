@@ -231,9 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "texts_per_second": rate,
             }
 
+        from akidb_embed import cpu_bf16
+
         from . import bf16  # the bf16 CPU path beside fp32, same run (docs/precision-cpu.md)
 
-        results["bf16"] = bf16.measure(args, passages, workdir, ref.embeddings, server_args, log)
+        if cpu_bf16.runnable():
+            results["bf16"] = bf16.measure(
+                args, passages, workdir, ref.embeddings, server_args, log
+            )
+        else:  # e.g. AVX2 alone: oneDNN has no bf16 matmul, the server refuses bf16
+            results["bf16"] = {"skipped": cpu_bf16.unavailable_reason()}
+            log.step(f"bf16 rows: skipped, {results['bf16']['skipped']}")
 
         log.step("serving ceiling: a 1-layer, 32-wide model (compute ~nil), short texts")
         narrow = ceiling.build_narrow_model(model_dir, workdir / "narrow")

@@ -524,6 +524,19 @@ class ComputeWorker:
         failed: dict[int, BaseException] | None = None,
     ) -> None:
         done = time.monotonic()
+        # Counted before any caller is answered: a caller that reads the metrics right after
+        # its answer must see its own batch.
+        if self._on_batch is not None:
+            self._on_batch(
+                BatchStats(
+                    model=batch.model.name,
+                    rows=len(batch.lengths),
+                    real_tokens=int(batch.lengths.sum()),
+                    padded_tokens=batch.padded_tokens,
+                    queue_seconds=started - batch.enqueued_at,
+                    compute_seconds=done - started,
+                )
+            )
         with self._cond:
             position = 0
             for group, rows in batch.parts:
@@ -540,14 +553,3 @@ class ComputeWorker:
                 self._speed[batch.model.name] = (
                     speed if previous is None else 0.8 * previous + 0.2 * speed
                 )
-        if self._on_batch is not None:
-            self._on_batch(
-                BatchStats(
-                    model=batch.model.name,
-                    rows=len(batch.lengths),
-                    real_tokens=int(batch.lengths.sum()),
-                    padded_tokens=batch.padded_tokens,
-                    queue_seconds=started - batch.enqueued_at,
-                    compute_seconds=done - started,
-                )
-            )

@@ -20,19 +20,17 @@ import grpc
 
 from . import __version__
 from .blas import ensure_fast_blas
+from .config import ServerConfig, add_settings, apply_settings
 from .device import gpu_backend
 from .http_api import ApiKeyError, load_api_keys
 from .logs import configure_logging
 from .model_cache import human_size
-from .precision import CPU_PRECISION_ENV
-from .pulls import PullLimits
 from .registry import DEFAULT_MODEL
-from .residency import ModelBudget
-from .server import DEFAULT_BULK_BATCH_MS, DEFAULT_BULK_FILL_MS, ServerConfig, run_server
+from .server import run_server
 from .service import Limits
 from .store_cli import add_pull_parser, add_rm_parser, run_models, run_pull, run_rm
 from .unix_socket import SocketInUse, default_socket_path
-from .workers import DEFAULT_MODEL_BYTES, Watchdog, default_batch_tokens, default_workers
+from .workers import DEFAULT_MODEL_BYTES, default_batch_tokens, default_workers
 
 if TYPE_CHECKING:
     from akidb_embed_client import EmbedClientError, Options
@@ -74,45 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"akidb-embed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the server")
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server. Every option below with a $NAME can also be set by that "
+        "environment variable (the flag wins).",
+    )
     serve.add_argument("--socket", type=Path, help=f"Unix socket (default {default_socket_path()})")
     serve.add_argument("--no-socket", action="store_true", help="TCP only (needs --port)")
     serve.add_argument("--port", type=int, help="also listen on TCP (0 picks a free port)")
-    serve.add_argument("--host", default="127.0.0.1", help="TCP bind address (default loopback)")
     serve.add_argument(
         "--model",
         action="append",
         dest="models",
         metavar="NAME_OR_DIR",
         help=f"preload this model (repeatable; the first is the default; default {DEFAULT_MODEL})",
-    )
-    serve.add_argument(
-        "--allow-downloads",
-        action="store_true",
-        help="pull a known model from the Hub on its first request (default: "
-        "FAILED_PRECONDITION with the pull command)",
-    )
-    serve.add_argument(
-        "--max-concurrent-pulls",
-        type=int,
-        default=PullLimits.max_concurrent,
-        help="with --allow-downloads: Hub pulls at once; a request needing one more gets "
-        f"RESOURCE_EXHAUSTED (default {PullLimits.max_concurrent})",
-    )
-    serve.add_argument(
-        "--pull-timeout",
-        type=float,
-        default=PullLimits.timeout_s,
-        help="with --allow-downloads: seconds before requests waiting on a pull get "
-        f"UNAVAILABLE (default {PullLimits.timeout_s:g}); `akidb-embed pull` has no limit",
-    )
-    serve.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
-    serve.add_argument("--socket-mode", default="600", help="socket permissions, octal (600)")
-    serve.add_argument(
-        "--trust-socket-parents",
-        action="store_true",
-        help="accept world-writable directories above the socket's own directory (a volume "
-        "that only this user's processes reach, e.g. a Kubernetes emptyDir); refused otherwise",
     )
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
@@ -122,37 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text lines, or one JSON object per line (both carry the request id)",
     )
     serve.add_argument(
-        "--metrics-port",
-        type=int,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)",
-    )
-    serve.add_argument(
-        "--metrics-host", default="127.0.0.1", help="metrics bind address (default loopback)"
-    )
-    http = serve.add_argument_group("OpenAI-compatible HTTP API (docs/http.md)")
-    http.add_argument(
-        "--http-port",
-        type=int,
-        help="serve /v1/embeddings, /v1/models, /info and /health on this TCP port "
-        "(0 picks a free port; default: off)",
-    )
-    http.add_argument(
-        "--http-host", default="127.0.0.1", help="HTTP bind address (default loopback)"
-    )
-    http.add_argument(
         "--api-key-file",
         type=Path,
-        help="require 'Authorization: Bearer KEY' on HTTP with a key from this file "
-        "(one a line; /health stays open)",
+        help="require 'Authorization: Bearer KEY' on the HTTP API (--http-port) with a key "
+        "from this file (one a line; /health stays open)",
     )
-    limits = serve.add_argument_group("batching and limits")
-    limits.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        help="padded tokens per batch (default: 512 on CPU, where batches that fit the cache "
-        "are fastest; 8192 on a GPU)",
-    )
-    limits.add_argument(
+    serve.add_argument(
         "--workers",
         type=int,
         help="engine worker processes, each with its own copy of the models, supervised: a "
@@ -160,78 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         "many as --memory-budget-mb allows; 1 on a GPU; 0 runs the models in the server "
         "process, unsupervised)",
     )
-    limits.add_argument(
+    serve.add_argument(
         "--memory-budget-mb",
         type=int,
         help="memory the default --workers count must fit in (default: the container's limit, "
         "cgroup memory.max, else the machine's RAM); each worker costs ~110 MB plus its "
         "models' weights",
     )
-    limits.add_argument(
-        "--batch-timeout",
-        type=float,
-        default=Watchdog.min_seconds,
-        help="seconds a batch may take at least before its worker counts as hung (the limit "
-        "grows with the batch's size: 20x its expected time)",
-    )
-    limits.add_argument(
-        "--bulk-batch-ms",
-        type=float,
-        default=DEFAULT_BULK_BATCH_MS,
-        help="while queries arrive, cut bulk batches to about this much compute, so a query "
-        "waits little (0: never cut)",
-    )
-    limits.add_argument(
-        "--bulk-fill-ms",
-        type=float,
-        default=DEFAULT_BULK_FILL_MS,
-        help="let a small bulk batch wait up to this long for more texts (queries never wait)",
-    )
-    limits.add_argument("--max-batch-size", type=int, default=64, help="texts per batch")
-    limits.add_argument("--max-texts-per-request", type=int, default=Limits.max_texts_per_request)
-    limits.add_argument("--max-chars-per-text", type=int, default=Limits.max_chars_per_text)
-    limits.add_argument(
-        "--max-chars-per-request",
-        type=int,
-        default=Limits.max_chars_per_request,
-        help="characters of one Embed request (RESOURCE_EXHAUSTED past it)",
-    )
-    limits.add_argument(
-        "--max-chars-in-flight",
-        type=int,
-        default=Limits.max_chars_in_flight,
-        help="characters of text being worked on at once: past it Embed gets "
-        "RESOURCE_EXHAUSTED and streams wait",
-    )
-    limits.add_argument(
-        "--max-queued-tokens",
-        type=int,
-        default=Limits.max_queued_tokens,
-        help="past it, Embed calls get RESOURCE_EXHAUSTED (streams wait)",
-    )
-    limits.add_argument(
-        "--stream-window",
-        type=int,
-        default=ServerConfig.stream_window,
-        help="items of one stream in flight; past it the server stops reading the stream",
-    )
-    limits.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit")
-    serve.add_argument(
-        "--cpu-precision",
-        choices=["auto", "fp32", "bf16"],
-        help="CPU engine: bf16 linear layers where the CPU has AVX512-BF16 or AMX (auto, the "
-        "default), or fp32 always; sets $AKIDB_EMBED_CPU_PRECISION (docs/precision-cpu.md)",
-    )
-    memory = serve.add_argument_group("models in memory")
-    memory.add_argument("--max-loaded-models", type=int, default=0, help="0: no limit")
-    memory.add_argument("--max-loaded-mb", type=int, default=0, help="0: no limit")
-    memory.add_argument(
-        "--keep-alive",
-        type=float,
-        default=ModelBudget.keep_alive_seconds,
-        help="seconds an on-demand model stays loaded when idle (0: forever); "
-        "preloaded models always stay",
-    )
+    add_settings(serve)
 
     embed = sub.add_parser(
         "embed",
@@ -360,8 +245,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # First: on Linux CPU this may re-execute the process with OpenBLAS preloaded.
     ensure_fast_blas()
     configure_logging(args.log_level, args.log_format)
-    if args.cpu_precision:  # before engine workers spawn: they inherit the environment
-        os.environ[CPU_PRECISION_ENV] = args.cpu_precision
     on_gpu = gpu_backend() is not None
     if args.no_socket and args.port is None:
         return fail("--no-socket needs --port")
@@ -382,49 +265,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             names.append(path.resolve().name)
         else:
             names.append(model)
-    config = ServerConfig(
+    base = ServerConfig(
         socket_path=None if args.no_socket else (args.socket or default_socket_path()),
         port=args.port,
-        host=args.host,
         models=names,
         local_model_dirs=local_dirs,
-        socket_mode=int(args.socket_mode, 8),
-        trust_socket_parents=args.trust_socket_parents,
-        grace_seconds=args.grace,
-        max_batch_tokens=args.max_batch_tokens or default_batch_tokens(on_gpu),
-        workers=args.workers
+        http_api_keys=api_keys,
+    )
+    config = apply_settings(base, args)
+    config.workers = (
+        args.workers
         if args.workers is not None
         else default_workers(
             on_gpu,
             memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
             model_bytes=model_bytes(names, local_dirs),
-        ),
-        max_batch_size=args.max_batch_size,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        http_port=args.http_port,
-        http_host=args.http_host,
-        http_api_keys=api_keys,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        stream_window=args.stream_window,
-        bulk_batch_seconds=args.bulk_batch_ms / 1000,
-        bulk_fill_seconds=args.bulk_fill_ms / 1000,
-        watchdog=Watchdog(min_seconds=args.batch_timeout),
-        limits=Limits(
-            max_texts_per_request=args.max_texts_per_request,
-            max_chars_per_text=args.max_chars_per_text,
-            max_chars_per_request=args.max_chars_per_request,
-            max_chars_in_flight=args.max_chars_in_flight,
-            max_queued_tokens=args.max_queued_tokens,
-        ),
-        allow_downloads=args.allow_downloads,
-        pulls=PullLimits(max_concurrent=args.max_concurrent_pulls, timeout_s=args.pull_timeout),
-        budget=ModelBudget(
-            max_models=args.max_loaded_models,
-            max_bytes=args.max_loaded_mb * 1024 * 1024,
-            keep_alive_seconds=args.keep_alive,
-        ),
+        )
     )
+    config.max_batch_tokens = config.max_batch_tokens or default_batch_tokens(on_gpu)
 
     def on_serving(server: EmbeddingServer) -> None:
         if args.log_format == "text":

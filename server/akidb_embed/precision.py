@@ -94,6 +94,24 @@ def cpu_precision_choice(environ: Mapping[str, str] | None = None) -> CpuPrecisi
 
 
 @dataclass(frozen=True)
+class ModelPrecision:
+    """Every precision setting of a server (config.py), handed to each process that loads."""
+
+    cpu: CpuPrecision = CpuPrecision.AUTO
+    dequantize: Choice = Choice.AUTO
+    upcast: Choice = Choice.AUTO
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ModelPrecision:
+        policy = PrecisionPolicy.from_env(environ)
+        return cls(cpu_precision_choice(environ), policy.dequantize, policy.upcast)
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return PrecisionPolicy(self.dequantize, self.upcast)
+
+
+@dataclass(frozen=True)
 class CpuPath:
     """What the CPU engine's linear layers compute in, and why."""
 

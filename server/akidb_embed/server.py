@@ -8,8 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,61 +20,22 @@ from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from . import sdnotify
 from .backend import describe_backend
 from .batching import ComputeWorker
+from .config import ServerConfig
+from .device import gpu_backend
 from .errors import EmbedError
 from .http_api import HttpEndpoint, HttpFrontEnd, HttpSettings
 from .interceptor import ObservingInterceptor
 from .metrics import Metrics, MetricsEndpoint
-from .pulls import PullLimits
-from .registry import DEFAULT_MODEL, Registry
-from .residency import ModelBudget
-from .service import EmbeddingService, Limits
+from .registry import Registry
+from .service import EmbeddingService
 from .servicer import EmbeddingServicer
 from .unix_socket import BoundSocket, prepare_socket_path
-from .workers import Watchdog, WorkerPool
+from .workers import WorkerPool, default_batch_tokens
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# Bulk batches while queries arrive (docs/performance.md has the measurements behind these).
-DEFAULT_BULK_BATCH_MS = 25.0
-DEFAULT_BULK_FILL_MS = 2.0
-
-
-@dataclass
-class ServerConfig:
-    socket_path: Path | None = None
-    port: int | None = None
-    host: str = "127.0.0.1"
-    # Loaded and warmed before the server reports SERVING; the first is the default.
-    models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL])
-    local_model_dirs: list[Path] = field(default_factory=list)
-    socket_mode: int = 0o600
-    # Accept world-writable (non-sticky) directories above the socket's own directory.
-    trust_socket_parents: bool = False
-    grace_seconds: float = 30.0
-    max_batch_tokens: int = 8192
-    max_batch_size: int = 64
-    max_message_bytes: int = 64 * 1024 * 1024
-    stream_window: int = 4096
-    bulk_batch_seconds: float = DEFAULT_BULK_BATCH_MS / 1000
-    bulk_fill_seconds: float = DEFAULT_BULK_FILL_MS / 1000
-    watchdog: Watchdog = field(default_factory=Watchdog)
-    limits: Limits = field(default_factory=Limits)
-    budget: ModelBudget = field(default_factory=ModelBudget)
-    allow_downloads: bool = False
-    # Hub pulls the server makes itself (with allow_downloads): how many at once, how long.
-    pulls: PullLimits = field(default_factory=PullLimits)
-    # Prometheus `/metrics` over HTTP when set (0 picks a free port).
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    # Engine worker processes (workers.py); 0 runs the models in this process.
-    workers: int = 0
-    # The OpenAI-compatible HTTP API (http_api.py) when set (0 picks a free port).
-    http_port: int | None = None
-    http_host: str = "127.0.0.1"
-    # Bearer tokens the HTTP API accepts; empty: no authentication.
-    http_api_keys: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -98,8 +58,9 @@ class EmbeddingServer:
         self.pool = (
             WorkerPool(config.workers, watchdog=config.watchdog) if config.workers > 0 else None
         )
+        batch_tokens = config.max_batch_tokens or default_batch_tokens(gpu_backend() is not None)
         self.worker = ComputeWorker(
-            config.max_batch_tokens,
+            batch_tokens,
             config.max_batch_size,
             on_batch=self.metrics.observe_batch,
             pool=self.pool,
@@ -114,6 +75,7 @@ class EmbeddingServer:
             allow_downloads=config.allow_downloads,
             metrics=self.metrics,
             pulls=config.pulls,
+            precision=config.precision,
         )
         self.metrics.watch(self.service)
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -135,7 +97,7 @@ class EmbeddingServer:
 
     async def start(self) -> None:
         """Listen, then load and warm the models; health is NOT_SERVING until they are."""
-        backend = describe_backend()
+        backend = describe_backend(self.config.precision.cpu)
         pb_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(
                 self.service,
@@ -175,7 +137,7 @@ class EmbeddingServer:
             self._reaper = asyncio.create_task(self._unload_idle_models())
         log.info(
             "SERVING (backend: %s, %s)",
-            describe_backend(),
+            describe_backend(self.config.precision.cpu),
             f"{self.pool.processes} engine worker processes" if self.pool else "in-process engine",
         )
 

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .loader import load_engine, load_front
 from .metrics import Metrics
+from .precision import ModelPrecision
 from .pulls import ModelFetcher, PullLimits
 from .registry import LocatedModel, ModelEntry, Registry
 from .residency import ModelBudget, ResidentModels
@@ -118,8 +119,11 @@ class EmbeddingService:
         allow_downloads: bool = False,
         metrics: Metrics | None = None,
         pulls: PullLimits | None = None,
+        precision: ModelPrecision | None = None,
     ) -> None:
         self.registry = registry
+        # What every load computes in, in this process and in the engine workers.
+        self.precision = precision or ModelPrecision.from_env()
         self.worker = worker
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
@@ -227,7 +231,12 @@ class EmbeddingService:
 
         def load_and_warm() -> EmbeddingEngine:
             engine = load_engine(
-                located.directory, name=entry.name, source=entry.source, revision=located.revision
+                located.directory,
+                name=entry.name,
+                source=entry.source,
+                revision=located.revision,
+                precision=self.precision.policy,
+                cpu_precision=self.precision.cpu,
             )
             engine.warm_up()  # compiles kernels; refuses weights that give NaN/inf
             # Compares the probe vectors with the record (refusing a drift), calibrates.
@@ -259,7 +268,9 @@ class EmbeddingService:
     ) -> EmbeddingEngine:
         """Engine workers load (and warm up) the network; this process keeps only the front
         half, whose forwards (self-check, calibration) run in the workers too."""
-        spec = ModelSpec(entry.name, located.directory, entry.source, located.revision)
+        spec = ModelSpec(
+            entry.name, located.directory, entry.source, located.revision, self.precision
+        )
         facts = pool.load(spec)
         name = entry.name
 

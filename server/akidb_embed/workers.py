@@ -51,6 +51,7 @@ import numpy as np
 
 from .engine import NetworkFacts
 from .errors import EmbedError, ErrorKind, ModelLoadError, ModelNotAvailable, Unavailable
+from .precision import ModelPrecision
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class ModelSpec:
     directory: Path
     source: str
     revision: str
+    # The server's precision settings; None: this process's environment.
+    precision: ModelPrecision | None = None
 
 
 # The longest pause between tries to start a worker that keeps dying before it is ready.
@@ -268,8 +271,14 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
             elif request.op is Op.LOAD:
                 spec = request.spec
                 assert spec is not None
+                precision = spec.precision
                 engine = load_engine(
-                    spec.directory, name=spec.name, source=spec.source, revision=spec.revision
+                    spec.directory,
+                    name=spec.name,
+                    source=spec.source,
+                    revision=spec.revision,
+                    precision=None if precision is None else precision.policy,
+                    cpu_precision=None if precision is None else precision.cpu,
                 )
                 engine.warm_up()
                 engines[spec.name] = engine

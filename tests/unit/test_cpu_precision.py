@@ -134,7 +134,9 @@ def test_backend_string_names_the_cpu_path(monkeypatch: pytest.MonkeyPatch) -> N
 def test_serve_accepts_cpu_precision() -> None:
     args = cli.build_parser().parse_args(["serve", "--cpu-precision", "bf16"])
     assert args.cpu_precision == "bf16"
-    assert cli.build_parser().parse_args(["serve"]).cpu_precision is None
+    # Without the flag: $AKIDB_EMBED_CPU_PRECISION (tests/conftest.py pins fp32), else auto.
+    absent = cli.build_parser().parse_args(["serve"]).cpu_precision
+    assert absent == os.environ.get(CPU_PRECISION_ENV, "auto")
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--cpu-precision", "fp16"])
 

