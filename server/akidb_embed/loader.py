@@ -4,6 +4,7 @@ sentence-transformers pipeline files (modules.json, pooling, Dense, prompts)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,8 @@ from .precision import (
 )
 from .quantization import quantize_like
 from .tokenization import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 # Weights in these formats are pickles (code on load): never loaded, named in errors.
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -242,7 +245,18 @@ def read_model_files(model_dir: Path) -> ModelFiles:
     model_type = str(config.get("model_type", ""))
     arch = architecture_module(model_type)
     pipeline = read_pipeline(model_dir, arch)
-    max_tokens = pipeline.max_tokens or int(config.get("max_position_embeddings", 512))
+    positions = int(config.get("max_position_embeddings") or 512)
+    max_tokens = pipeline.max_tokens or positions
+    if max_tokens > positions:
+        # Past its position table a model reads garbage; sentence-transformers stops there.
+        log.warning(
+            "%s: max_seq_length %d is more than the model's %d positions; using %d",
+            model_dir,
+            max_tokens,
+            positions,
+            positions,
+        )
+        max_tokens = positions
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.exists():
         raise ModelLoadError(f"{model_dir} has no tokenizer.json")
@@ -285,7 +299,14 @@ def load_network(
         raise ModelLoadError(
             f"{model_dir}/config.json does not describe a {model_type} model: {exc}"
         ) from exc
-    model = arch.Model(args)
+    try:
+        model = arch.Model(args)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        # A value of the wrong type (e.g. `"head_dim": null`) passes ModelArgs but not the
+        # network's construction.
+        raise ModelLoadError(
+            f"{model_dir}/config.json does not describe a {model_type} model: {exc}"
+        ) from exc
     raw_weights = load_safetensors(model_dir)
     folded_dense = split_folded_dense(raw_weights)
     weights = arch.sanitize(raw_weights)

@@ -36,6 +36,15 @@ class ResidentModels:
     def __init__(self, budget: ModelBudget) -> None:
         self.budget = budget
         self._models: dict[str, Resident] = {}
+        # Models being loaded, by the bytes they will take: they count against the budget
+        # from the moment their room is made, so two loads at once cannot both fit.
+        self._reserved: dict[str, int] = {}
+
+    def reserve(self, name: str, size_bytes: int) -> None:
+        self._reserved[name] = size_bytes
+
+    def release(self, name: str) -> None:
+        self._reserved.pop(name, None)
 
     def get(self, name: str) -> EmbeddingEngine | None:
         resident = self._models.get(name)
@@ -45,6 +54,7 @@ class ResidentModels:
         return [r.engine for r in self._models.values()]
 
     def add(self, engine: EmbeddingEngine, pinned: bool) -> None:
+        self._reserved.pop(engine.name, None)
         self._models[engine.name] = Resident(engine, pinned)
 
     def pin(self, name: str) -> None:
@@ -65,8 +75,12 @@ class ResidentModels:
             resident.last_used = time.monotonic()
 
     def _over(self, extra_models: int, extra_bytes: int) -> bool:
-        count = len(self._models) + extra_models
-        size = sum(r.engine.memory_bytes for r in self._models.values()) + extra_bytes
+        count = len(self._models) + len(self._reserved) + extra_models
+        size = (
+            sum(r.engine.memory_bytes for r in self._models.values())
+            + sum(self._reserved.values())
+            + extra_bytes
+        )
         return bool(
             (self.budget.max_models and count > self.budget.max_models)
             or (self.budget.max_bytes and size > self.budget.max_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -50,6 +51,10 @@ def restrictive_umask(mode: int) -> Iterator[None]:
 
 class EmbeddingServer:
     def __init__(self, config: ServerConfig, registry: Registry | None = None) -> None:
+        batch_tokens = config.max_batch_tokens
+        if batch_tokens is None:  # by device: what the CLI's default says
+            batch_tokens = default_batch_tokens(gpu_backend() is not None)
+            config = dataclasses.replace(config, max_batch_tokens=batch_tokens)
         self.config = config
         self.registry = registry or Registry()
         for directory in config.local_model_dirs:
@@ -58,7 +63,6 @@ class EmbeddingServer:
         self.pool = (
             WorkerPool(config.workers, watchdog=config.watchdog) if config.workers > 0 else None
         )
-        batch_tokens = config.max_batch_tokens or default_batch_tokens(gpu_backend() is not None)
         self.worker = ComputeWorker(
             batch_tokens,
             config.max_batch_size,

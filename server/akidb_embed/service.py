@@ -197,15 +197,19 @@ class EmbeddingService:
             await self.unload(name)
 
     async def _make_room(self, entry: ModelEntry, size_bytes: int) -> None:
+        """Unload what must go for `entry` to fit, and hold its place in the budget (released
+        by `_load` when it fails; taken over by the model once loaded)."""
         victims = self.residents.evictions_for(size_bytes)
         if victims is None:
             budget = self.residents.budget
             raise Overloaded(
                 f"loading {entry.name!r} would exceed the model budget "
                 f"(max {budget.max_models or 'any'} models, "
-                f"{budget.max_bytes or 'any'} bytes) and every loaded model is busy or "
-                "preloaded; retry later, or raise --max-loaded-models / --max-loaded-mb"
+                f"{budget.max_bytes or 'any'} bytes) and every model in it is busy, "
+                "preloaded or still loading; retry later, or raise --max-loaded-models / "
+                "--max-loaded-mb"
             )
+        self.residents.reserve(entry.name, size_bytes)  # before any await: no other load fits
         for name in victims:
             await self.unload(name)
 
@@ -226,6 +230,14 @@ class EmbeddingService:
         pool = self.worker.pool
         # Every process that computes holds its own copy of the weights.
         await self._make_room(entry, located.size_bytes * (pool.processes if pool else 1))
+        try:
+            return await self._load_located(entry, located, pool)
+        finally:
+            self.residents.release(entry.name)  # a no-op once the model is resident
+
+    async def _load_located(
+        self, entry: ModelEntry, located: LocatedModel, pool: WorkerPool | None
+    ) -> EmbeddingEngine:
         started = time.monotonic()
         log.info("loading model %s from %s", entry.name, located.directory)
 
@@ -634,8 +646,17 @@ class EmbeddingService:
         )
 
     def statuses(self) -> list[ModelStatus]:
+        """Every model the server knows: the registry's, the cache's, and any loaded or
+        loading by another spelling (e.g. `name@revision`)."""
         out = []
-        for entry in self.registry.entries():
+        entries = self.registry.entries()
+        listed = {entry.name for entry in entries}
+        for name in [e.name for e in self.residents.engines()] + list(self._loading):
+            if name not in listed:
+                with contextlib.suppress(EmbedError):
+                    entries.append(self.registry.resolve(name))
+                    listed.add(name)
+        for entry in entries:
             engine = self.residents.get(entry.name)
             located = self.registry.locate(entry)
             reason = ""

@@ -10,7 +10,9 @@ import numpy as np
 import openai
 from tokenizers import Tokenizer
 
+from akidb_embed.device import gpu_backend
 from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.workers import default_batch_tokens
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.http.conftest import MODEL, http
@@ -180,7 +182,9 @@ def test_info_reports_version_models_and_limits(http_server: ServerThread) -> No
     assert limits["max_chars_per_text"] == 200_000
     assert limits["max_queued_tokens"] == 2_000_000
     assert limits["max_request_bytes"] == 64 * 1024 * 1024
-    assert limits["max_batch_tokens"] == 8192 and limits["max_batch_size"] == 64
+    # The device's default (512 on CPU, 8192 on a GPU), the same as `serve` without the flag.
+    assert limits["max_batch_tokens"] == default_batch_tokens(gpu_backend() is not None)
+    assert limits["max_batch_size"] == 64
 
 
 def test_health_and_request_ids(http_server: ServerThread) -> None:
