@@ -130,6 +130,8 @@ class Setting:
         default = self.field_default()
         if default is None or isinstance(default, bool):
             return default
+        if self.path == "socket_mode":
+            return f"{default:o}"
         if hasattr(default, "value"):  # an enum: its name on the command line
             return default.value
         if self.scale != 1:
@@ -142,13 +144,16 @@ class Setting:
         if kind is bool:
             return _flag_bool(text)
         if self.path == "socket_mode":
-            return _octal(text)
+            _octal(text)  # checked now, kept as written ("600")
+            return text
         return kind(text)
 
     def to_field(self, value: Any) -> Any:
         """The flag's value as the field's."""
         if value is None or isinstance(value, bool):
             return value
+        if self.path == "socket_mode":
+            return _octal(value)
         default = self.field_default()
         if isinstance(default, Choice | CpuPrecision):
             return type(default)(value)
@@ -166,7 +171,6 @@ SETTINGS: tuple[Setting, ...] = (
         "socket_mode",
         "socket permissions, octal",
         kind=str,
-        default_text="600",
         metavar="MODE",
     ),
     Setting(
