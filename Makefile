@@ -35,9 +35,9 @@ INSTALL := PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet 
 
 # MLX's CPU backend resolves `libblas` at process start: run tests and benchmarks with
 # Debian's OpenBLAS (installed by `make setup`) preloaded, and its kernels chosen for this
-# CPU (server/akidb_embed/blas.py; `akidb-embed serve` does the same by itself). Elsewhere
+# CPU (server/akidb_embed/host/blas.py; `akidb-embed serve` does the same by itself). Elsewhere
 # it runs the command unchanged.
-WITH_BLAS = $(PY) -m akidb_embed.blas
+WITH_BLAS = $(PY) -m akidb_embed.host.blas
 
 RUN_STAMP := $(VENV)/.run-stamp
 SETUP_STAMP := $(VENV)/.setup-stamp
@@ -130,7 +130,7 @@ bench-replicas: $(SETUP_STAMP)
 	$(WITH_BLAS) $(PY) -m bench --replicas $(REPLICAS) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info server/akidb_embed/_bf16*.so
+	rm -rf $(VENV) build dist *.egg-info server/akidb_embed/modeling/_bf16*.so
 
 # --- Container image -----------------------------------------------------------
 # The Dockerfile's steps live in scripts/image-install.sh; image-check runs the same steps in

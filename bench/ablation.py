@@ -31,7 +31,7 @@ STEPS: list[tuple[str, str, int, str, int]] = [
 
 
 def step_env(blas_mode: str) -> dict[str, str]:
-    from akidb_embed import blas
+    from akidb_embed.host import blas
 
     from .reference import clean_env
     from .served import repo_env
@@ -49,7 +49,7 @@ def use_mlx_builtin_kernels() -> None:
     """Swap fast_math's GELU and softmax for MLX's erf and softmax (what bert.py used)."""
     import mlx.core as mx
 
-    from akidb_embed.models import bert, fast_math
+    from akidb_embed.modeling.models import bert, fast_math
 
     def softmax_parts(scores: mx.array) -> tuple[mx.array, mx.array]:
         return mx.softmax(scores, axis=-1, precise=True), mx.ones((*scores.shape[:-1], 1))
@@ -62,13 +62,13 @@ def use_mlx_builtin_kernels() -> None:
 
 
 def child(texts_file: str, batch_tokens: int, kernels: str, workers: int) -> None:
-    from akidb_embed.backend import describe_backend
+    from akidb_embed.runtime.backend import describe_backend
 
     if kernels == "mlx":
         use_mlx_builtin_kernels()
-    from akidb_embed.engine import EmbedOptions
-    from akidb_embed.loader import load_engine
-    from akidb_embed.registry import bundled_minilm_dir
+    from akidb_embed.modeling.engine import EmbedOptions
+    from akidb_embed.modeling.loader import load_engine
+    from akidb_embed.store.registry import bundled_minilm_dir
 
     from . import engine_bench
 

@@ -7,7 +7,7 @@ Routes, y = x @ W.T on all-MiniLM-L6-v2 and Qwen3-0.6B shapes, rows = tokens in 
 - oneMKL's `cblas_gemm_bf16bf16f32` through ctypes, where `libmkl_rt.so.3` (PyPI `mkl`) is
   next to this Python (bf16 operands prepared outside the timing).
 Each rate includes the per-call overhead; rel err = max |y - y64| / max |y64|.
-Run it with the BLAS preloaded: `python -m akidb_embed.blas python -m bench.bf16_gemm`.
+Run it with the BLAS preloaded: `python -m akidb_embed.host.blas python -m bench.bf16_gemm`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from akidb_embed import cpu_bf16
-from akidb_embed.backend import blas_name
+from akidb_embed.modeling import cpu_bf16
+from akidb_embed.runtime.backend import blas_name
 
 SHAPES = [(512, 384, 384), (512, 384, 1536), (512, 1536, 384), (32, 1024, 3072), (1024,) * 3]
 

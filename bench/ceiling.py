@@ -29,7 +29,7 @@ def build_narrow_model(minilm: Path, directory: Path) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from akidb_embed.models import bert
+    from akidb_embed.modeling.models import bert
 
     directory.mkdir(parents=True, exist_ok=True)
     for item in minilm.iterdir():

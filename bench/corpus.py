@@ -1,6 +1,6 @@
 """A corpus of real text not written by us: docstrings of the Python standard library.
 
-The passages come from `akidb_embed.corpus`, which the server also uses for calibration and
+The passages come from `akidb_embed.modeling.corpus`, which the server also uses for calibration and
 its self-check; this module adds the statistics the report prints.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from akidb_embed.corpus import docstrings, paragraphs, passages, sample, stdlib_files
+from akidb_embed.modeling.corpus import docstrings, paragraphs, passages, sample, stdlib_files
 
 __all__ = ["LengthStats", "docstrings", "paragraphs", "passages", "sample", "stdlib_files"]
 

@@ -1,7 +1,7 @@
 """Output encodings: bytes on the wire and the server's encode cost, per vector.
 
 The encode cost is the vectorised step after Matryoshka truncation and normalisation
-(`akidb_embed.encodings.encode` on a whole response of rows), divided by the rows; the wire
+(`akidb_embed.modeling.encodings.encode` on a whole response of rows), divided by the rows; the wire
 bytes are those of a serialised `EmbeddingBatch` of 64 rows (protobuf framing included), per
 row; decode is the client's one `frombuffer` per response.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
-from akidb_embed.encodings import Encoding, Ranges, decode, encode
-from akidb_embed.engine import finish_batch
+from akidb_embed.modeling.encodings import Encoding, Ranges, decode, encode
+from akidb_embed.modeling.engine import finish_batch
 
 from .wire import per_call_us  # best of 5 rounds, microseconds per call
 

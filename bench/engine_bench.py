@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from akidb_embed.batching import plan_batches
-from akidb_embed.engine import EmbeddingEngine
-from akidb_embed.tokenization import pack
-from akidb_embed.workers import ModelSpec, WorkerPool
+from akidb_embed.modeling.engine import EmbeddingEngine
+from akidb_embed.modeling.tokenization import pack
+from akidb_embed.runtime.batching import plan_batches
+from akidb_embed.runtime.workers import ModelSpec, WorkerPool
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class QueryLatency:
 
 def query_latency(engine: EmbeddingEngine, queries: Sequence[str]) -> QueryLatency:
     """One query at a time through tokenize + forward, in this process (no gRPC)."""
-    from akidb_embed.engine import EmbedOptions
+    from akidb_embed.modeling.engine import EmbedOptions
 
     options = EmbedOptions()
     engine.forward_packed(*_packed(engine, queries[0], options))

@@ -49,7 +49,7 @@ def build(root: Path, layers: int) -> None:
     from mlx.utils import tree_flatten, tree_map
     from tokenizers import Tokenizer, models
 
-    from akidb_embed.models import qwen3
+    from akidb_embed.modeling.models import qwen3
 
     config = {**QWEN3_06B, "num_hidden_layers": layers}
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
@@ -74,7 +74,7 @@ def measure(directory: Path, batch: int, tokens: int, repeats: int) -> dict[str,
     import mlx.core as mx
     import psutil
 
-    from akidb_embed.loader import load_engine
+    from akidb_embed.modeling.loader import load_engine
 
     start = time.perf_counter()
     engine = load_engine(directory, name="bench", source="bench", revision="bench")

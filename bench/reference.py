@@ -62,7 +62,7 @@ def _child(texts_file: str, out_file: str) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from akidb_embed.registry import bundled_minilm_dir
+    from akidb_embed.store.registry import bundled_minilm_dir
 
     texts = json.loads(Path(texts_file).read_text())
     model_dir = bundled_minilm_dir()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from akidb_embed.blas import ensure_fast_blas
+from akidb_embed.host.blas import ensure_fast_blas
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "all-minilm-l6-v2"
@@ -91,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         out = REPO / "bench" / "results" / "replicas.json"
         return replicas.run(args.replicas, corpus.sample(args.texts), args.repeats, out)
-    from akidb_embed.backend import describe_backend
-    from akidb_embed.engine import EmbedOptions
-    from akidb_embed.loader import load_engine
-    from akidb_embed.registry import bundled_minilm_dir
-    from akidb_embed.workers import default_batch_tokens, default_workers
+    from akidb_embed.modeling.engine import EmbedOptions
+    from akidb_embed.modeling.loader import load_engine
+    from akidb_embed.runtime.backend import describe_backend
+    from akidb_embed.runtime.workers import default_batch_tokens, default_workers
+    from akidb_embed.store.registry import bundled_minilm_dir
 
     from . import (
         ceiling,
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "texts_per_second": rate,
             }
 
-        from akidb_embed import cpu_bf16
+        from akidb_embed.modeling import cpu_bf16
 
         from . import bf16  # the bf16 CPU path beside fp32, same run (docs/precision-cpu.md)
 

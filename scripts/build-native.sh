@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds akidb-embed's bf16 linear layer for MLX's CPU backend (ext/bf16) against the MLX
-# wheel's CMake config, into server/akidb_embed/_bf16*.so. Optional: when a piece is missing
+# wheel's CMake config, into server/akidb_embed/modeling/_bf16*.so. Optional: when a piece is missing
 # (Linux x86-64, a C++ compiler, CMake, nanobind, oneDNN's headers) it says so and exits 0,
 # and the server computes in fp32 as before. `make setup` runs it; so does `make native`.
 set -uo pipefail
 PY=${PY:-.venv/bin/python}
 BUILD=${BUILD_DIR:-build/native}
-DEST=server/akidb_embed
+DEST=server/akidb_embed/modeling
 skip() { echo "bf16 extension: not built ($*); the CPU engine stays fp32" >&2; exit 0; }
 
 [ "$(uname -s)" = "Linux" ] || skip "not Linux"

@@ -1,4 +1,4 @@
-"""Fit the coefficients of akidb_embed/models/fast_math.py (run once; prints them).
+"""Fit the coefficients of akidb_embed/modeling/models/fast_math.py (run once; prints them).
 
 erf(a) ~ a P(a^2) / Q(a^2) on [0, 4.5] (P, Q of degree 5, Q(0) = 1) and
 exp(r) ~ E(r) on [-ln2/2, ln2/2] (degree 6), each by least squares reweighted toward the

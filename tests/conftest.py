@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from akidb_embed.precision import CPU_PRECISION_ENV
-from akidb_embed.server import EmbeddingServer, ServerConfig
+from akidb_embed.api.server import EmbeddingServer, ServerConfig
+from akidb_embed.modeling.precision import CPU_PRECISION_ENV
 
 # The suite's parity bounds are fp32 ones; on CPUs with bf16 instructions `auto` would pick
 # bf16 linears. The bf16 path has its own tests (tests/*/test_bf16*.py), which ask for it.

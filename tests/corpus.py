@@ -1,10 +1,14 @@
-"""Real text not written by us: sentences from the Python standard library's docstrings."""
+"""Texts for the parity tests: sentences of the Python standard library's docstrings (read
+with akidb_embed.modeling.corpus, which the server uses for calibration), and a few other
+scripts and formats."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import importlib.util
 import re
+from pathlib import Path
+
+from akidb_embed.modeling.corpus import docstrings
 
 MODULES = [
     "argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "fractions",
@@ -26,17 +30,21 @@ EXTRA = [
 ]
 
 
+def _module_docstrings(name: str) -> list[str]:
+    """A standard library module's docstrings, read from its source (akidb_embed's corpus
+    reader: nothing is imported)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return []
+    return list(docstrings(Path(spec.origin)))
+
+
 def docstring_sentences(limit: int, min_chars: int = 20) -> list[str]:
     """Up to `limit` distinct sentences, in a fixed order, from module and member docstrings."""
     seen: set[str] = set()
     out: list[str] = []
     for name in MODULES:
-        module = importlib.import_module(name)
-        docs = [inspect.getdoc(module) or ""]
-        for _, member in sorted(vars(module).items()):
-            if inspect.isclass(member) or inspect.isfunction(member):
-                docs.append(inspect.getdoc(member) or "")
-        for doc in docs:
+        for doc in _module_docstrings(name):
             for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
                 if len(sentence) >= min_chars and sentence not in seen:
                     seen.add(sentence)
@@ -48,7 +56,7 @@ def docstring_sentences(limit: int, min_chars: int = 20) -> list[str]:
 
 def parity_texts(count: int = 64) -> list[str]:
     texts = docstring_sentences(count - len(EXTRA)) + EXTRA
-    # Lengths must vary: add whole docstrings (some longer than the model's window).
-    texts.append(inspect.getdoc(importlib.import_module("argparse")) or "")
-    texts.append(inspect.getdoc(importlib.import_module("json")) or "")
+    # Lengths must vary: add whole module docstrings (some longer than the model's window).
+    texts.append(_module_docstrings("argparse")[0])
+    texts.append(_module_docstrings("json")[0])
     return texts

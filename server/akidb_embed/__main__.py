@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from .cli.main import main
 
 # Guarded: worker processes (spawn) import the main module.
 if __name__ == "__main__":

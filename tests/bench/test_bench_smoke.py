@@ -63,7 +63,7 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
     assert 0 < results["engine_query"]["p50_ms"] <= results["engine_query"]["p99_ms"]
     assert results["latency_under_load"]["bulk_vs_served_stream"] > 0
     # bf16 rows where oneDNN can run them here, else the reason they were left out.
-    from akidb_embed import cpu_bf16
+    from akidb_embed.modeling import cpu_bf16
 
     if cpu_bf16.runnable():
         assert results["bf16"]["targets"]["served_bf16_min_cosine"] >= 0.999

@@ -123,7 +123,7 @@ def test_embed_options_reach_the_server(server: ServerThread) -> None:
 
 
 def test_embed_streams_more_texts_than_one_request_takes(server: ServerThread) -> None:
-    from akidb_embed.cli import STREAM_ABOVE
+    from akidb_embed.cli.main import STREAM_ABOVE
 
     texts = [f"line {i}" for i in range(STREAM_ABOVE + 30)]
     out = run_cli("embed", "--socket", server.target, "--format", "jsonl", stdin="\n".join(texts))
@@ -216,8 +216,8 @@ def test_serve_refuses_bad_arguments() -> None:
 
 
 def test_a_lower_server_limit_falls_back_to_the_stream(tmp_path: Path) -> None:
-    from akidb_embed.server import ServerConfig
-    from akidb_embed.service import Limits
+    from akidb_embed.api.server import ServerConfig
+    from akidb_embed.service.service import Limits
 
     small = ServerThread(
         ServerConfig(

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.server import ServerConfig
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 from tests.fixtures import tiny_models as tiny

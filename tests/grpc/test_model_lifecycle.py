@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.residency import ModelBudget
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.service.residency import ModelBudget
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 

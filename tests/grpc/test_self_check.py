@@ -12,13 +12,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from akidb_embed import model_records
-from akidb_embed.engine import EmbedOptions
+from akidb_embed.api.server import ServerConfig
 from akidb_embed.errors import ModelLoadError
-from akidb_embed.loader import load_engine
-from akidb_embed.precision import Choice, PrecisionPolicy
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.server import ServerConfig
+from akidb_embed.modeling.engine import EmbedOptions
+from akidb_embed.modeling.loader import load_engine
+from akidb_embed.modeling.precision import Choice, PrecisionPolicy
+from akidb_embed.service import model_records
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 from tests.fixtures import tiny_models as tiny

@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from akidb_embed.server import ServerConfig
-from akidb_embed.service import Limits
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.service.service import Limits
 from tests.conftest import ServerThread
 from tests.fixtures import tiny_models as tiny
 from tests.ops.conftest import make_broken_models

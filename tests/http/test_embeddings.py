@@ -10,9 +10,9 @@ import numpy as np
 import openai
 from tokenizers import Tokenizer
 
-from akidb_embed.device import gpu_backend
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.workers import default_batch_tokens
+from akidb_embed.host.device import gpu_backend
+from akidb_embed.runtime.workers import default_batch_tokens
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.http.conftest import MODEL, http

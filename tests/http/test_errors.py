@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
+from akidb_embed.api.http_api import HTTP_STATUS
 from akidb_embed.errors import ErrorKind
-from akidb_embed.http_api import HTTP_STATUS
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.http.conftest import API_KEY, MODEL, http, openai_client
@@ -150,7 +150,7 @@ def test_full_queue_is_429_with_retry_after(strict_server: ServerThread) -> None
     """A gRPC batch fills the queue past the server's 500-token limit; HTTP is refused.
     (Batches of 8 texts: the worker plans 8 batches ahead, and planned texts leave the queue.)"""
     assert strict_server.server is not None
-    worker = strict_server.server.worker
+    worker = strict_server.server.scheduler
     # 100 texts of ~30 tokens: 64 are planned at once, the rest wait in the queue.
     texts = [f"{i} " + "a text about embeddings " * 6 for i in range(100)]
     done = threading.Event()

@@ -20,8 +20,8 @@ import numpy as np
 import openai
 import pytest
 
-from akidb_embed.http_api import ApiKeyError, load_api_keys
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.http_api import ApiKeyError, load_api_keys
+from akidb_embed.api.server import ServerConfig
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.http.conftest import MODEL, http, openai_client
@@ -48,7 +48,7 @@ def compute_held(server: ServerThread) -> Iterator[None]:
         held.set()
         release.wait(120)
 
-    future = server.server.worker.call(hold)
+    future = server.server.scheduler.call(hold)
     assert held.wait(30)
     try:
         yield
@@ -176,7 +176,7 @@ def test_a_client_that_hangs_up_costs_no_more_compute(http_server: ServerThread)
         before, "akidb_embed_texts_total", model=MODEL
     )
     assert embedded == 0, "texts of a closed connection were computed"
-    wait_for(lambda: http_server.server.worker.queued_tokens == 0, what="the queue to empty")  # type: ignore[union-attr]
+    wait_for(lambda: http_server.server.scheduler.queued_tokens == 0, what="the queue to empty")  # type: ignore[union-attr]
 
 
 def test_stop_drains_http(socket_dir: Path) -> None:

@@ -13,10 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
-from akidb_embed import registry as registry_module
-from akidb_embed.cli import main as akidb_embed
-from akidb_embed.model_cache import HubRef, inspect
-from akidb_embed.registry import (
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.cli.main import main as akidb_embed
+from akidb_embed.store import registry as registry_module
+from akidb_embed.store.model_cache import HubRef, inspect
+from akidb_embed.store.registry import (
     BUNDLED,
     DEFAULT_MODEL,
     MINILM_PACKAGE,
@@ -26,7 +27,6 @@ from akidb_embed.registry import (
     bundled_minilm_dir,
     installed_manifest,
 )
-from akidb_embed.server import ServerConfig
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 

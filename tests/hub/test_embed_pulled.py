@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from akidb_embed.engine import EmbedOptions, finish
-from akidb_embed.loader import load_engine
-from akidb_embed.registry import DEFAULT_MODEL, CacheState, Registry, bundled_minilm_dir
+from akidb_embed.modeling.engine import EmbedOptions, finish
+from akidb_embed.modeling.loader import load_engine
+from akidb_embed.store.registry import DEFAULT_MODEL, CacheState, Registry, bundled_minilm_dir
 
 from .conftest import HubEnv
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from akidb_embed.pulls import PullLimits
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.service.pulls import PullLimits
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 

@@ -12,10 +12,10 @@ import pytest
 from safetensors.numpy import save
 
 from akidb_embed.errors import InvalidArgument, ModelNotAvailable, ModelNotFound
-from akidb_embed.hub import select_files
-from akidb_embed.model_cache import HubRef, cache_dir
-from akidb_embed.registry import DEFAULT_MODEL, CacheState, Registry
-from akidb_embed.safetensors_header import SafetensorsError, check_file
+from akidb_embed.store.hub import select_files
+from akidb_embed.store.model_cache import HubRef, cache_dir
+from akidb_embed.store.registry import DEFAULT_MODEL, CacheState, Registry
+from akidb_embed.store.safetensors_header import SafetensorsError, check_file
 
 
 def test_registry_names_map_to_their_hub_sources() -> None:

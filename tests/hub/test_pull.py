@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from akidb_embed import hub as hub_module
 from akidb_embed.errors import (
     DiskFull,
     HubAccessDenied,
@@ -22,9 +21,10 @@ from akidb_embed.errors import (
     ModelNotFound,
     UnsupportedModel,
 )
-from akidb_embed.hub import pull
-from akidb_embed.model_cache import HubRef, RepoCache, inspect
-from akidb_embed.registry import CacheState, Registry
+from akidb_embed.store import hub as hub_module
+from akidb_embed.store.hub import pull
+from akidb_embed.store.model_cache import HubRef, RepoCache, inspect
+from akidb_embed.store.registry import CacheState, Registry
 
 from .conftest import EXPECTED_FILES, TINY_REPO, HubEnv, tiny_bert_files
 
@@ -221,7 +221,7 @@ def test_damaged_weights_are_detected_and_repaired_by_pull(hub_env: HubEnv, dama
 def test_two_processes_pulling_at_once_fetch_each_file_once(hub_env: HubEnv) -> None:
     hub_env.hub.delay_s = 0.1  # ~2 s for the weights: the second process must wait
     script = (
-        "from akidb_embed.hub import pull; from akidb_embed.model_cache import HubRef; "
+        "from akidb_embed.store.hub import pull; from akidb_embed.store.model_cache import HubRef; "
         f"r = pull(HubRef({TINY_REPO!r}), progress=False, notify=print); "
         "print('RESULT', r.commit, r.downloaded)"
     )
@@ -332,7 +332,7 @@ def test_two_threads_pulling_at_once_fetch_each_file_once(hub_env: HubEnv) -> No
 def test_killed_pull_leaves_a_cache_the_next_pull_completes(hub_env: HubEnv) -> None:
     hub_env.hub.delay_s = 0.2  # the weights take ~2 s: kill the process in the middle
     script = (
-        "from akidb_embed.hub import pull; from akidb_embed.model_cache import HubRef; "
+        "from akidb_embed.store.hub import pull; from akidb_embed.store.model_cache import HubRef; "
         f"pull(HubRef({TINY_REPO!r}), progress=False)"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env=hub_env.env())

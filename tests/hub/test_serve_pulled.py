@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from akidb_embed.registry import Registry, bundled_minilm_dir
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.store.registry import Registry, bundled_minilm_dir
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 

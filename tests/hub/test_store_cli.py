@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from akidb_embed.registry import Registry
-from akidb_embed.store_cli import main
+from akidb_embed.cli.store import main
+from akidb_embed.store.registry import Registry
 
 from .conftest import TINY_REPO, HubEnv
 
@@ -113,7 +113,7 @@ def test_rm_one_revision_keeps_the_other_and_shared_blobs(
 def test_akidb_embed_command_has_pull_rm_and_an_offline_models(
     hub_env: HubEnv, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from akidb_embed.cli import main as akidb_embed
+    from akidb_embed.cli.main import main as akidb_embed
 
     assert akidb_embed(["pull", TINY_REPO]) == 0
     capsys.readouterr()

@@ -20,8 +20,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from akidb_embed.logs import JsonFormatter
+from akidb_embed.observability.logs import JsonFormatter
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.conftest import ServerThread
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from akidb_embed.cli import build_parser
+from akidb_embed.cli.main import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "kubernetes" / "akidb-with-embed-sidecar.yaml"
@@ -46,7 +46,7 @@ def quantity(value: str) -> float:
 
 
 def test_kubernetes_resources_agree_with_the_worker_count() -> None:
-    from akidb_embed.workers import DEFAULT_MODEL_BYTES, workers_for_memory
+    from akidb_embed.runtime.workers import DEFAULT_MODEL_BYTES, workers_for_memory
 
     [embed] = [c for c in pod_spec()["initContainers"] if c["name"] == "akidb-embed"]
     serve = parse_cli(embed["command"])

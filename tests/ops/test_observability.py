@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from akidb.embedding.v1 import embedding_service_pb2 as pb
 from akidb.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
-from akidb_embed.logs import REQUEST_ID, JsonFormatter, RequestIdFilter
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.observability.logs import REQUEST_ID, JsonFormatter, RequestIdFilter
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.ops.conftest import handled, scrape, value
@@ -177,7 +177,7 @@ def test_every_log_line_of_a_request_carries_its_id(
     lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
     mine = [line for line in lines if line.get("request_id") == "trace-load-7"]
     loggers = {line["logger"] for line in mine}
-    assert {"akidb_embed.service", "akidb_embed.access"} <= loggers, lines
+    assert {"akidb_embed.service.service", "akidb_embed.access"} <= loggers, lines
     assert any("FAILED_PRECONDITION" in line["message"] for line in mine)
     for line in lines:
         if "broken-truncated" in line["message"]:

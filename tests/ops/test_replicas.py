@@ -5,7 +5,7 @@ replica left the client reports UNAVAILABLE at once."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -124,3 +124,38 @@ def test_a_20000_item_stream_survives_a_killed_and_a_draining_replica(
     assert counters["streams_broken"] >= 1
     assert counters["resent_items"] >= 1
     assert pool[1].proc.wait(30) == 0, pool[1].log()  # the draining replica exited cleanly
+
+
+@pytest.mark.slow
+def test_the_async_client_fails_over_as_the_blocking_one(pool: list[Replica]) -> None:
+    """AsyncEmbedClient on a pool: async items, a replica killed mid-stream, every item once,
+    in order, with the single-server vector."""
+    import asyncio
+
+    from akidb_embed_client import AsyncEmbedClient
+
+    n = 12_000
+    expected = reference(pool[2].address)
+
+    async def items() -> AsyncIterator[tuple[str, str]]:
+        for i in range(n):
+            yield f"doc-{i}", text_of(i)
+
+    async def main() -> tuple[int, float, dict[str, int]]:
+        seen, worst = 0, 0.0
+        async with AsyncEmbedClient([r.address for r in pool], timeout=30) as client:
+            for _ in range(9):
+                await client.embed(["warm up"])
+            async for result in client.embed_stream(items()):
+                assert result.id == f"doc-{seen}", "answers out of order or duplicated"
+                assert result.error is None and result.vector is not None, result.error
+                worst = max(worst, float(np.abs(result.vector - expected[seen % DISTINCT]).max()))
+                seen += 1
+                if seen == 1_000:
+                    pool[0].kill()
+            return seen, worst, client.counters.snapshot()
+
+    seen, worst, counters = asyncio.run(main())
+    print(f"async pool stream: {seen} items, {counters}, max abs diff {worst:.2e}")
+    assert seen == n and worst <= 1e-6
+    assert counters["streams_broken"] >= 1 and counters["resent_items"] >= 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from akidb_embed import sdnotify
+from akidb_embed.api import sdnotify
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-from akidb_embed.workers import FAULT_TOKEN_ENV
+from akidb_embed.runtime.workers import FAULT_TOKEN_ENV
 from akidb_embed_client import EmbedClient, EmbedClientError
 from tests.corpus import docstring_sentences
 from tests.ops.conftest import ServerProcess, scrape_url, value

@@ -17,12 +17,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from akidb_embed import cpu_bf16
-from akidb_embed.engine import EmbeddingEngine, EmbedOptions, finish
-from akidb_embed.loader import load_engine
-from akidb_embed.precision import CPU_PRECISION_ENV, CpuPrecision, PrecisionPolicy
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.server import ServerConfig
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.modeling import cpu_bf16
+from akidb_embed.modeling.engine import EmbeddingEngine, EmbedOptions, finish
+from akidb_embed.modeling.loader import load_engine
+from akidb_embed.modeling.precision import CPU_PRECISION_ENV, CpuPrecision, PrecisionPolicy
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.corpus import parity_texts

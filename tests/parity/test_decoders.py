@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from akidb_embed.engine import EmbeddingEngine, EmbedOptions, PromptKind, finish
 from akidb_embed.errors import InvalidArgument, ModelLoadError
-from akidb_embed.loader import load_engine
-from akidb_embed.models import gemma3_text, qwen3
-from akidb_embed.precision import Choice, PrecisionPolicy
-from akidb_embed.tokenization import TextTokenizer, Truncation
+from akidb_embed.modeling.engine import EmbeddingEngine, EmbedOptions, PromptKind, finish
+from akidb_embed.modeling.loader import load_engine
+from akidb_embed.modeling.models import gemma3_text, qwen3
+from akidb_embed.modeling.precision import Choice, PrecisionPolicy
+from akidb_embed.modeling.tokenization import TextTokenizer, Truncation
 from tests.fixtures import tiny_models as tiny
 
 COSINE_MIN = 0.9999

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.corpus import parity_texts

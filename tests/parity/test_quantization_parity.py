@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from akidb_embed.corpus import calibration_texts, stdlib_files
-from akidb_embed.registry import bundled_minilm_dir
+from akidb_embed.modeling.corpus import calibration_texts, stdlib_files
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.corpus import parity_texts

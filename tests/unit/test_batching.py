@@ -10,8 +10,8 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from akidb_embed.batching import ComputeWorker, GroupOutput, plan_batches
-from akidb_embed.tokenization import pack
+from akidb_embed.modeling.tokenization import pack
+from akidb_embed.runtime.batching import GroupOutput, Scheduler, plan_batches
 
 
 def vector(future: Future[GroupOutput], timeout: float = 10) -> np.ndarray:
@@ -68,14 +68,14 @@ def test_an_item_longer_than_the_budget_gets_its_own_batch() -> None:
 
 
 @pytest.fixture()
-def worker() -> Iterator[ComputeWorker]:
-    w = ComputeWorker(max_batch_tokens=64, max_batch_size=4)
+def worker() -> Iterator[Scheduler]:
+    w = Scheduler(max_batch_tokens=64, max_batch_size=4)
     w.start()
     yield w
     w.stop(10)
 
 
-def test_each_caller_gets_its_own_vector(worker: ComputeWorker) -> None:
+def test_each_caller_gets_its_own_vector(worker: Scheduler) -> None:
     model = RecordingModel()
     futures = [worker.submit(model, [i] * (1 + i % 5)) for i in range(20)]
     results = [vector(f) for f in futures]
@@ -83,7 +83,7 @@ def test_each_caller_gets_its_own_vector(worker: ComputeWorker) -> None:
     assert all(len(b) <= 4 for b in model.batches)
 
 
-def test_interactive_lane_goes_before_the_bulk_backlog(worker: ComputeWorker) -> None:
+def test_interactive_lane_goes_before_the_bulk_backlog(worker: Scheduler) -> None:
     model = RecordingModel()
     model.gate.clear()
     first = worker.submit(model, [0])  # occupies the thread
@@ -98,7 +98,7 @@ def test_interactive_lane_goes_before_the_bulk_backlog(worker: ComputeWorker) ->
     assert model.batches[1] == [7]  # the query ran right after the batch in progress
 
 
-def test_cancelled_items_cost_no_compute(worker: ComputeWorker) -> None:
+def test_cancelled_items_cost_no_compute(worker: Scheduler) -> None:
     model = RecordingModel()
     model.gate.clear()
     worker.submit(model, [0])
@@ -114,7 +114,7 @@ def test_cancelled_items_cost_no_compute(worker: ComputeWorker) -> None:
     assert worker.queued_tokens == 0
 
 
-def test_forward_errors_reach_every_caller_of_the_batch(worker: ComputeWorker) -> None:
+def test_forward_errors_reach_every_caller_of_the_batch(worker: Scheduler) -> None:
     class Broken(RecordingModel):
         def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
             raise RuntimeError("boom")
@@ -127,17 +127,17 @@ def test_forward_errors_reach_every_caller_of_the_batch(worker: ComputeWorker) -
     assert int(vector(worker.submit(RecordingModel(), [4]))[0]) == 4
 
 
-def test_jobs_run_on_the_scheduler_thread(worker: ComputeWorker) -> None:
+def test_jobs_run_on_the_scheduler_thread(worker: Scheduler) -> None:
     assert worker.call(lambda: threading.current_thread().name).result(10) == "scheduler"
 
 
-def submit_rows(worker: ComputeWorker, model: object, rows: Sequence[Sequence[int]],
+def submit_rows(worker: Scheduler, model: object, rows: Sequence[Sequence[int]],
                 interactive: bool = False) -> Future[GroupOutput]:  # fmt: skip
     packed = pack(rows)
     return worker.submit_group(model, packed.ids, packed.offsets, interactive)  # type: ignore[arg-type]
 
 
-def test_a_group_spans_batches_and_comes_back_whole_in_order(worker: ComputeWorker) -> None:
+def test_a_group_spans_batches_and_comes_back_whole_in_order(worker: Scheduler) -> None:
     model = RecordingModel()
     rows = [[i] * (1 + i % 7) for i in range(30)]  # 30 texts: several 4-row batches
     output = submit_rows(worker, model, rows).result(10)
@@ -149,7 +149,7 @@ def test_a_group_spans_batches_and_comes_back_whole_in_order(worker: ComputeWork
 
 
 def test_groups_share_batches() -> None:
-    worker = ComputeWorker(max_batch_tokens=64, max_batch_size=16)
+    worker = Scheduler(max_batch_tokens=64, max_batch_size=16)
     model = RecordingModel()
     model.gate.clear()
     worker.start()
@@ -168,7 +168,7 @@ def test_groups_share_batches() -> None:
     assert len(model.batches) == 2  # the first, then all four groups in one batch
 
 
-def test_an_error_fails_only_the_rows_of_its_batch(worker: ComputeWorker) -> None:
+def test_an_error_fails_only_the_rows_of_its_batch(worker: Scheduler) -> None:
     class FailsOnSeven(RecordingModel):
         def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
             if 7 in ids.tolist():
@@ -182,7 +182,7 @@ def test_an_error_fails_only_the_rows_of_its_batch(worker: ComputeWorker) -> Non
 
 
 def test_cancelling_a_group_midway_drops_its_remaining_rows() -> None:
-    worker = ComputeWorker(max_batch_tokens=8, max_batch_size=1)
+    worker = Scheduler(max_batch_tokens=8, max_batch_size=1)
     model = RecordingModel()
     model.gate.clear()
     worker.start()
@@ -204,7 +204,7 @@ def test_a_trickle_of_bulk_texts_fills_batches_for_the_fill_window() -> None:
 
     def run(fill: float) -> int:
         model.batches.clear()
-        worker = ComputeWorker(max_batch_tokens=64, max_batch_size=64, bulk_fill_seconds=fill)
+        worker = Scheduler(max_batch_tokens=64, max_batch_size=64, bulk_fill_seconds=fill)
         worker.start()
         try:
             futures = []
@@ -222,7 +222,7 @@ def test_a_trickle_of_bulk_texts_fills_batches_for_the_fill_window() -> None:
 
 
 def test_queries_never_wait_for_the_fill_window() -> None:
-    worker = ComputeWorker(max_batch_tokens=64, max_batch_size=64, bulk_fill_seconds=5.0)
+    worker = Scheduler(max_batch_tokens=64, max_batch_size=64, bulk_fill_seconds=5.0)
     worker.start()
     try:
         started = time.monotonic()
@@ -239,7 +239,7 @@ def test_bulk_batches_shrink_to_the_time_budget_while_queries_arrive() -> None:
             return super().forward_packed(ids, lengths)
 
     model = Timed()
-    worker = ComputeWorker(max_batch_tokens=512, max_batch_size=64, bulk_batch_seconds=0.008)
+    worker = Scheduler(max_batch_tokens=512, max_batch_size=64, bulk_batch_seconds=0.008)
     worker.start()
     try:
         vector(worker.submit(model, [1] * 32))  # teaches it the speed

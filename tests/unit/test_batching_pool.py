@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from akidb_embed.batching import ComputeWorker, GroupOutput
+from akidb_embed.runtime.batching import GroupOutput, Scheduler
 
 
 def vector(future: Future[GroupOutput], timeout: float = 10) -> np.ndarray:
@@ -65,8 +65,8 @@ class FakePool:
         return self._threads.submit(run)
 
 
-def worker(pool: FakePool, tokens: int = 64) -> ComputeWorker:
-    compute = ComputeWorker(max_batch_tokens=tokens, max_batch_size=8, pool=pool)  # type: ignore[arg-type]
+def worker(pool: FakePool, tokens: int = 64) -> Scheduler:
+    compute = Scheduler(max_batch_tokens=tokens, max_batch_size=8, pool=pool)  # type: ignore[arg-type]
     compute.start()
     return compute
 
@@ -153,7 +153,7 @@ def test_a_failed_batch_fails_only_its_items() -> None:
                 return future
             return super().submit(model, ids, lengths)
 
-    compute = ComputeWorker(max_batch_tokens=4, max_batch_size=1, pool=FailingPool())  # type: ignore[arg-type]
+    compute = Scheduler(max_batch_tokens=4, max_batch_size=1, pool=FailingPool())  # type: ignore[arg-type]
     compute.start()
     bad, good = compute.submit(Model(), [13]), compute.submit(Model(), [14])
     with pytest.raises(RuntimeError, match="worker said no"):

@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from akidb_embed import cpu_bf16
+from akidb_embed.modeling import cpu_bf16
 
 ext = cpu_bf16.extension()
 pytestmark = pytest.mark.skipif(not cpu_bf16.runnable(), reason=cpu_bf16.unavailable_reason())

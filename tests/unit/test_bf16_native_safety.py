@@ -15,14 +15,14 @@ import textwrap
 
 import pytest
 
-from akidb_embed import cpu_bf16
+from akidb_embed.modeling import cpu_bf16
 
 STRESS = textwrap.dedent(
     """
     import gc
     import mlx.core as mx
     import numpy as np
-    from akidb_embed import cpu_bf16
+    from akidb_embed.modeling import cpu_bf16
 
     ext = cpu_bf16.extension()
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from akidb_embed import blas
+from akidb_embed.host import blas
 
 LIBRARY = blas.openblas_library()
 needs_openblas = pytest.mark.skipif(
@@ -95,10 +95,10 @@ def _clean_env() -> dict[str, str]:
 
 REPORT = (
     "import sys; sys.argv = ['x', 'serve']\n"
-    "from akidb_embed import blas\n"
+    "from akidb_embed.host import blas\n"
     "blas.ensure_fast_blas()\n"
     "import mlx.core as mx\n"
-    "from akidb_embed.backend import describe_backend\n"
+    "from akidb_embed.runtime.backend import describe_backend\n"
     "print(describe_backend())\n"
 )
 
@@ -123,7 +123,7 @@ def test_the_runner_preloads_for_any_command() -> None:
     code = "import os; print(os.environ.get('LD_PRELOAD', ''))"
     env = {**_clean_env(), "PYTHONPATH": str(REPO / "server")}
     done = subprocess.run(
-        [sys.executable, "-m", "akidb_embed.blas", sys.executable, "-c", code],
+        [sys.executable, "-m", "akidb_embed.host.blas", sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,

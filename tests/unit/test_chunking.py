@@ -8,11 +8,11 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from akidb_embed.chunking import utf8_offsets
-from akidb_embed.corpus import calibration_texts
 from akidb_embed.errors import InvalidArgument
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.tokenization import TextTokenizer, Truncation
+from akidb_embed.modeling.chunking import utf8_offsets
+from akidb_embed.modeling.corpus import calibration_texts
+from akidb_embed.modeling.tokenization import TextTokenizer, Truncation
+from akidb_embed.store.registry import bundled_minilm_dir
 
 PIECES = ["東京都", "🙂", "👩‍👩‍👧", "e\u0301", "naïve", "Ångström", "  ", "\n", "x", "ß", "𝔘𝔫𝔦"]
 

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from akidb_embed import cli
-from akidb_embed.config import SETTINGS, ServerConfig, Setting, add_settings, apply_settings
-from akidb_embed.precision import Choice, CpuPrecision, ModelPrecision
+from akidb_embed.api.config import SETTINGS, ServerConfig, Setting, add_settings, apply_settings
+from akidb_embed.cli import main as cli
+from akidb_embed.modeling.precision import Choice, CpuPrecision, ModelPrecision
 
 MIB = 2**20
 

@@ -9,15 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from akidb_embed import cli, cpu_bf16
-from akidb_embed.backend import cpu_precision
+from akidb_embed.cli import main as cli
 from akidb_embed.errors import ModelLoadError
-from akidb_embed.precision import (
+from akidb_embed.modeling import cpu_bf16
+from akidb_embed.modeling.precision import (
     CPU_PRECISION_ENV,
     CpuPrecision,
     cpu_precision_choice,
     resolve_cpu_path,
 )
+from akidb_embed.runtime.backend import cpu_precision
 
 BF16_FLAGS = {"avx512f", "avx512_bf16"}
 AMX_FLAGS = {"avx512f", "amx_bf16", "amx_tile"}

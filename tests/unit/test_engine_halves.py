@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from akidb_embed import loader
-from akidb_embed.engine import EmbedOptions, NetworkFacts
+from akidb_embed.api.server import ServerConfig
 from akidb_embed.errors import ModelNotAvailable
-from akidb_embed.loader import load_engine, load_front
-from akidb_embed.precision import Choice, ModelPrecision
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.server import ServerConfig
+from akidb_embed.modeling import loader
+from akidb_embed.modeling.engine import EmbedOptions, NetworkFacts
+from akidb_embed.modeling.loader import load_engine, load_front
+from akidb_embed.modeling.precision import Choice, ModelPrecision
+from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
 from tests.fixtures import tiny_models as tiny

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from akidb_embed.models import fast_math
+from akidb_embed.modeling.models import fast_math
 
 _erf = np.vectorize(math.erf)
 

@@ -21,19 +21,19 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from akidb_embed.engine import EmbeddingEngine, EmbedOptions
 from akidb_embed.errors import ErrorKind, ModelLoadError
-from akidb_embed.loader import (
+from akidb_embed.modeling.engine import EmbeddingEngine, EmbedOptions
+from akidb_embed.modeling.loader import (
     load_engine,
     load_safetensors,
     read_pipeline,
     read_prompts,
     split_folded_dense,
 )
-from akidb_embed.models import architecture_module, qwen3
-from akidb_embed.models.base import Pooling
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.tokenization import Truncation
+from akidb_embed.modeling.models import architecture_module, qwen3
+from akidb_embed.modeling.models.base import Pooling
+from akidb_embed.modeling.tokenization import Truncation
+from akidb_embed.store.registry import bundled_minilm_dir
 from tests.fixtures import tiny_models as tiny
 
 QWEN3 = architecture_module("qwen3")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from akidb_embed.model_cache import RepoCache
-from akidb_embed.model_records import records_dir
+from akidb_embed.service.model_records import records_dir
+from akidb_embed.store.model_cache import RepoCache
 
 
 def test_hub_records_live_in_the_repos_cache_folder(tmp_path: Path) -> None:

@@ -3,8 +3,10 @@ mid-stream, a replica that drains, none alive, and a status that is the caller's
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -152,3 +154,109 @@ def test_a_status_that_is_not_a_replica_failure_ends_the_stream_as_it_is() -> No
         run(script, 10, streams=1)
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.message == "2 ids and 1 texts"
+
+
+def test_a_slow_replica_does_not_set_the_pace() -> None:
+    """A sub-stream takes new work only while little of its share is unanswered, so the
+    fast replica answers most items and the stream ends long before the slow one would."""
+    answered_by: dict[int, int] = {}
+
+    def script(
+        number: int, requests: Iterator[pb.EmbedStreamRequest]
+    ) -> Iterator[pb.EmbedStreamResponse]:
+        # As a transport does, take every message the client sends at once (HTTP/2 buffers
+        # them), and answer them one by one: the slow replica, 50 ms a message.
+        inbox: queue.Queue[pb.EmbedStreamRequest | None] = queue.Queue()
+
+        def read() -> None:
+            for request in requests:
+                inbox.put(request)
+            inbox.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        while (request := inbox.get()) is not None:
+            if number == 0:
+                time.sleep(0.05)
+            answered_by[number] = answered_by.get(number, 0) + len(request.ids)
+            yield answer(request)
+
+    n = 4000
+    started = time.monotonic()
+    ids, values, counters = run(script, n, streams=2)
+    elapsed = time.monotonic() - started
+    assert ids == [f"i{k}" for k in range(n)] and values == [float(k) for k in range(n)]
+    slow_share = answered_by.get(0, 0) / n
+    # An even split would give the slow one half, and take it n / 2 / 64 * 50 ms = 1.6 s.
+    print(f"\nslow replica: {elapsed:.2f}s, answered by {answered_by}, {counters.snapshot()}")
+    assert slow_share < 0.25, answered_by
+    assert elapsed < 1.0, elapsed
+
+
+def async_run(
+    script: Script, n: int, take: int | None = None
+) -> tuple[list[str], PoolStream, list[int]]:
+    """`run`, through the asyncio bridge AsyncEmbedClient uses, with async items; `take`
+    results, then close the iterator."""
+    import asyncio
+
+    from akidb_embed_client.replicas import bridge_to_async
+
+    stream = PoolStream(
+        FakeStub(script),  # type: ignore[arg-type]
+        "",
+        pb.EmbedOptions(),
+        timeout=30,
+        max_in_flight=512,
+        max_items=64,
+        max_chars=1 << 20,
+        streams=2,
+        counters=PoolCounters(),
+    )
+    fed: list[int] = []
+
+    async def items() -> AsyncIterator[tuple[str, str]]:
+        for k in range(n):
+            fed.append(k)
+            yield f"i{k}", f"text {k}"
+
+    async def main() -> list[str]:
+        ids = []
+        results = bridge_to_async(stream, items())
+        async for result in results:
+            assert result.error is None and result.vector is not None
+            assert float(result.vector[0]) == float(result.id[1:])
+            ids.append(result.id)
+            if take is not None and len(ids) == take:
+                await results.aclose()
+                break
+        return ids
+
+    return asyncio.run(main()), stream, fed
+
+
+def test_the_async_bridge_fails_over_and_keeps_the_order() -> None:
+    def script(
+        number: int, requests: Iterator[pb.EmbedStreamRequest]
+    ) -> Iterator[pb.EmbedStreamResponse]:
+        for answered, request in enumerate(requests):
+            if number == 0 and answered == 3:
+                raise FakeError(grpc.StatusCode.UNAVAILABLE, "connection reset")
+            yield answer(request, drain=number == 1 and answered >= 2)
+
+    ids, stream, _ = async_run(script, 3000)
+    assert ids == [f"i{k}" for k in range(3000)]
+    assert stream.counters.snapshot()["resent_items"] >= 1
+
+
+def test_closing_the_async_stream_early_cancels_it() -> None:
+    def script(
+        number: int, requests: Iterator[pb.EmbedStreamRequest]
+    ) -> Iterator[pb.EmbedStreamResponse]:
+        for request in requests:
+            yield answer(request)
+
+    ids, stream, fed = async_run(script, 100_000, take=100)
+    assert ids == [f"i{k}" for k in range(100)]
+    assert stream.finished
+    # Reading stopped near the window (512 in flight, a bounded queue ahead of it).
+    assert len(fed) < 5_000, len(fed)

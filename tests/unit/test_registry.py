@@ -23,8 +23,8 @@ from akidb_embed.errors import (
     ModelNotAvailable,
     ModelNotFound,
 )
-from akidb_embed.model_cache import Manifest, ManifestFile, RepoCache
-from akidb_embed.registry import (
+from akidb_embed.store.model_cache import Manifest, ManifestFile, RepoCache
+from akidb_embed.store.registry import (
     BUNDLED_MANIFEST,
     DEFAULT_MODEL,
     KNOWN_MODELS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from akidb_embed.residency import ModelBudget, ResidentModels
+from akidb_embed.service.residency import ModelBudget, ResidentModels
 
 
 @dataclass

@@ -25,11 +25,6 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from akidb_embed import loader
-from akidb_embed import service as service_module
-from akidb_embed.batching import ComputeWorker
-from akidb_embed.encodings import Encoding
-from akidb_embed.engine import EmbeddingEngine, EmbedOptions, ModelProfile, PromptKind
 from akidb_embed.errors import (
     EmbedError,
     ErrorKind,
@@ -40,12 +35,17 @@ from akidb_embed.errors import (
     Overloaded,
     Unavailable,
 )
-from akidb_embed.model_cache import Manifest, ManifestFile, RepoCache
-from akidb_embed.models.base import Pooling
-from akidb_embed.registry import Registry
-from akidb_embed.residency import ModelBudget
-from akidb_embed.service import EmbeddingService, Limits, ModelState
-from akidb_embed.tokenization import TextTokenizer, Truncation
+from akidb_embed.modeling import loader
+from akidb_embed.modeling.encodings import Encoding
+from akidb_embed.modeling.engine import EmbeddingEngine, EmbedOptions, ModelProfile, PromptKind
+from akidb_embed.modeling.models.base import Pooling
+from akidb_embed.modeling.tokenization import TextTokenizer, Truncation
+from akidb_embed.runtime.batching import Scheduler
+from akidb_embed.service import service as service_module
+from akidb_embed.service.residency import ModelBudget
+from akidb_embed.service.service import EmbeddingService, Limits, ModelState
+from akidb_embed.store.model_cache import Manifest, ManifestFile, RepoCache
+from akidb_embed.store.registry import Registry
 from tests.fixtures import tiny_models as tiny
 
 FAKE = "fake"
@@ -107,8 +107,8 @@ def fake(network: TableNetwork) -> EmbeddingEngine:
 
 
 @pytest.fixture(scope="module")
-def worker() -> Iterator[ComputeWorker]:
-    compute = ComputeWorker()
+def worker() -> Iterator[Scheduler]:
+    compute = Scheduler()
     compute.start()
     yield compute
     compute.stop(timeout=30)
@@ -150,7 +150,7 @@ MakeService = Callable[..., EmbeddingService]
 
 @pytest.fixture
 def make_service(
-    registry: Registry, worker: ComputeWorker, fake: EmbeddingEngine, notes: Notes
+    registry: Registry, worker: Scheduler, fake: EmbeddingEngine, notes: Notes
 ) -> MakeService:
     """A service with the table model warm and pinned (preloaded), as the server makes it."""
 
@@ -174,7 +174,7 @@ def add_qwen(registry: Registry, source: Path, root: Path, name: str = QWEN) -> 
 
 
 @contextlib.contextmanager
-def compute_held(worker: ComputeWorker) -> Iterator[None]:
+def compute_held(worker: Scheduler) -> Iterator[None]:
     """The compute thread busy until the block ends: work queues up behind it."""
     started, release = threading.Event(), threading.Event()
 
@@ -271,7 +271,7 @@ async def test_texts_over_the_token_limit_follow_the_truncation_policy(
 
 
 async def test_in_flight_text_budget_refuses_unary_calls_while_streams_wait(
-    make_service: MakeService, worker: ComputeWorker, fake: EmbeddingEngine
+    make_service: MakeService, worker: Scheduler, fake: EmbeddingEngine
 ) -> None:
     service = make_service(Limits(max_chars_in_flight=100))
     thirty = "the cat " * 3 + "the a "  # 30 characters
@@ -298,7 +298,7 @@ async def test_in_flight_text_budget_refuses_unary_calls_while_streams_wait(
 
 
 async def test_queued_tokens_limit_refuses_unary_calls_but_not_stream_messages(
-    make_service: MakeService, worker: ComputeWorker
+    make_service: MakeService, worker: Scheduler
 ) -> None:
     service = make_service(Limits(max_queued_tokens=5))
     with compute_held(worker):
@@ -370,7 +370,7 @@ async def test_bad_token_ids_are_refused_with_the_list_and_position(
 
 
 async def test_a_draining_service_refuses_new_work_and_finishes_what_it_has(
-    make_service: MakeService, worker: ComputeWorker
+    make_service: MakeService, worker: Scheduler
 ) -> None:
     service = make_service()
     with compute_held(worker):
@@ -545,7 +545,7 @@ async def test_on_demand_load_self_check_unload_and_reload(
 async def test_concurrent_requests_share_one_load_and_loading_is_reported(
     make_service: MakeService,
     registry: Registry,
-    worker: ComputeWorker,
+    worker: Scheduler,
     qwen_source: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -696,7 +696,7 @@ async def test_int8_calibrates_on_the_first_request_and_later_loads_read_it(
 async def test_concurrent_loads_of_different_models_respect_the_budget(
     make_service: MakeService,
     registry: Registry,
-    worker: ComputeWorker,
+    worker: Scheduler,
     qwen_source: Path,
     tmp_path: Path,
 ) -> None:

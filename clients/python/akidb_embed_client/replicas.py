@@ -18,13 +18,16 @@ merged back in the caller's order, each id exactly once. Nothing is kept on the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
+import queue
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,6 +47,13 @@ DEFAULT_MAX_ATTEMPTS = 6
 # Backoff between re-opens of a sub-stream: doubles from the first to the cap.
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 1.0
+# A message unanswered for this many times the usual answer time (and at least
+# HEDGE_MIN_S), while another sub-stream is idle, is sent again there; the first answer wins.
+HEDGE_FACTOR = 4.0
+# A sub-stream whose answers take this many times the quickest one's gets one message at once.
+SLOW_FACTOR = 4.0
+HEDGE_MIN_S = 0.02
+HEDGE_POLL_S = 0.01
 # Statuses of a broken sub-stream whose unanswered items go to another replica. Everything
 # else (INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...) is the caller's and ends the stream.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
@@ -144,6 +154,7 @@ class PoolCounters:
     resent_items: int = 0  # items sent again on another sub-stream
     resent_messages: int = 0
     drained_items: int = 0  # items a draining replica answered with UNAVAILABLE
+    hedged_items: int = 0  # items of a late message sent again on an idle sub-stream
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **amounts: int) -> None:
@@ -164,6 +175,8 @@ class _Chunk:
     ids: list[str]
     texts: list[str]
     attempt: int = 0
+    sent_at: float = 0.0
+    hedged: bool = False  # a copy went to another sub-stream: the first answer wins
 
 
 @dataclass
@@ -177,6 +190,7 @@ class _Sub:
     first: bool = True
     space: Space | None = None  # the last space this sub-stream received
     call: grpc.RpcContext | None = None
+    latency: float | None = None  # seconds from sending a message to its answer (average)
 
 
 class PoolStream:
@@ -246,6 +260,8 @@ class PoolStream:
                             break
                         if self.fatal is not None:
                             raise self.fatal
+                        if self.finished:  # cancel(): the caller wants nothing more
+                            return
                         if self.input_done and self.next_out == self.taken:
                             if self.input_error is not None:
                                 raise self.input_error
@@ -265,6 +281,16 @@ class PoolStream:
                 self.cond.notify_all()
             for call in calls:
                 call.cancel()
+
+    def cancel(self) -> None:
+        """Stop from another thread: `run` returns, the sub-streams are cancelled and no more
+        items are read."""
+        with self.cond:
+            self.finished = True
+            calls = [s.call for s in self.subs if s.call is not None]
+            self.cond.notify_all()
+        for call in calls:
+            call.cancel()
 
     def _read(self, items: Iterable[tuple[str, str]]) -> None:
         try:
@@ -301,25 +327,67 @@ class PoolStream:
             chars += len(text)
         return chunk
 
+    def _fastest(self, but: _Sub | None = None) -> float | None:
+        """(lock held) The answer time of the quickest live sub-stream (other than `but`)."""
+        times = [
+            s.latency for s in self.subs if s is not but and not s.broken and s.latency is not None
+        ]
+        return min(times) if times else None
+
     def _has_room(self, sub: _Sub) -> bool:
-        """A full message more stays within the sub-stream's share of the window."""
-        return sub.items == 0 or sub.items + self.max_items <= self.window
+        """A full message more stays within the sub-stream's share of the window. A
+        sub-stream much slower than the quickest gets one message at a time: the others
+        take the rest, and its late message is hedged (`_hedge_for`)."""
+        if sub.items == 0:
+            return True
+        fastest = self._fastest(but=sub)
+        if sub.latency is not None and fastest is not None and sub.latency > SLOW_FACTOR * fastest:
+            return False
+        return sub.items + self.max_items <= self.window
 
     def _no_more_work(self) -> bool:
         return self.input_done and not self.pending and not self.retry
 
+    def _hedge_for(self, sub: _Sub) -> _Chunk | None:
+        """(lock held) The oldest message another sub-stream has held unanswered for much
+        longer than messages take, not hedged yet: `sub` (idle) sends a copy of it."""
+        fastest = self._fastest()
+        if fastest is None or sub.items:
+            return None
+        limit = time.monotonic() - max(HEDGE_MIN_S, HEDGE_FACTOR * fastest)
+        oldest: _Chunk | None = None
+        for other in self.subs:
+            if other is sub or other.broken or not other.unanswered:
+                continue
+            chunk = other.unanswered[0]
+            if chunk.hedged or chunk.sent_at > limit:
+                continue
+            if oldest is None or chunk.sent_at < oldest.sent_at:
+                oldest = chunk
+        if oldest is None:
+            return None
+        oldest.hedged = True
+        self.counters.add(hedged_items=len(oldest.ids))
+        return _Chunk(oldest.indices, oldest.ids, oldest.texts, oldest.attempt, hedged=True)
+
     def _requests(self, sub: _Sub) -> Iterator[pb.EmbedStreamRequest]:
         while True:
             with self.cond:
+                hedge = None
                 while True:
                     if self.finished or self.fatal is not None or sub.closing or sub.broken:
                         return
                     if self._has_room(sub) and (self.retry or self.pending):
                         break
-                    if self._no_more_work():
+                    hedge = self._hedge_for(sub)
+                    if hedge is not None:
+                        break
+                    if self._no_more_work() and not any(s.unanswered for s in self.subs):
                         return  # half-close: the replica answers what it has, then ends
-                    self.cond.wait()
-                chunk = self.retry.popleft() if self.retry else self._take()
+                    # Wake now and then to see whether another sub-stream's answer is late.
+                    self.cond.wait(None if self._fastest() is None else HEDGE_POLL_S)
+                chunk = hedge or (self.retry.popleft() if self.retry else self._take())
+                chunk.sent_at = time.monotonic()
                 sub.unanswered.append(chunk)
                 sub.items += len(chunk.ids)
                 request = pb.EmbedStreamRequest(ids=chunk.ids, texts=chunk.texts)
@@ -332,7 +400,12 @@ class PoolStream:
     def _requeue(self, sub: _Sub) -> int:
         """(lock held) Everything `sub` sent and had no answer for goes to the retry queue,
         in order, ahead of what is there (it is older)."""
-        chunks = list(sub.unanswered)
+        # Messages answered meanwhile on another sub-stream (hedged copies) are not resent.
+        chunks = [
+            c
+            for c in sub.unanswered
+            if any(i >= self.next_out and i not in self.done for i in c.indices)
+        ]
         sub.unanswered.clear()
         sub.items = 0
         items = sum(len(c.ids) for c in chunks)
@@ -354,6 +427,8 @@ class PoolStream:
                 )
             chunk = sub.unanswered.popleft()
             sub.items -= len(chunk.ids)
+            took = time.monotonic() - chunk.sent_at
+            sub.latency = took if sub.latency is None else 0.7 * sub.latency + 0.3 * took
             if list(response.ids) != chunk.ids:
                 raise EmbedClientError(
                     grpc.StatusCode.INTERNAL,
@@ -365,6 +440,9 @@ class PoolStream:
             results = decode_stream_results(response, sub.space)
             again = _Chunk([], [], [], chunk.attempt + 1)
             for position, result in enumerate(results):
+                index = chunk.indices[position]
+                if index < self.next_out or index in self.done:
+                    continue  # answered already (a hedged copy, or a re-send): first wins
                 error = result.error
                 if (
                     error is not None
@@ -375,9 +453,7 @@ class PoolStream:
                     again.ids.append(chunk.ids[position])
                     again.texts.append(chunk.texts[position])
                     continue
-                index = chunk.indices[position]
-                if index >= self.next_out and index not in self.done:
-                    self.done[index] = result
+                self.done[index] = result
             if again.ids:
                 # The replica is draining (or cannot compute): this sub-stream sends it
                 # nothing more and reopens on another replica.
@@ -459,3 +535,98 @@ class PoolStream:
             with self.cond:
                 self.live_workers -= 1
                 self.cond.notify_all()
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+async def bridge_to_async(
+    stream: PoolStream, items: Iterable[tuple[str, str]] | AsyncIterable[tuple[str, str]]
+) -> AsyncIterator[StreamResult]:
+    """Run a PoolStream (threads, a blocking channel) under asyncio: `items` (sync or async)
+    are fed to it from the event loop, its results come back to it; closing the iterator
+    cancels the stream. For AsyncEmbedClient on a pool."""
+    loop = asyncio.get_running_loop()
+    # Bounded: the pool stream reads at most max_in_flight ahead, the feeder a little more.
+    inbox: queue.Queue[object] = queue.Queue(maxsize=max(64, stream.max_items))
+    out: asyncio.Queue[object] = asyncio.Queue()
+    stopped = threading.Event()  # the caller closed the iterator
+
+    def source() -> Iterator[tuple[str, str]]:
+        while True:
+            item = inbox.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item  # type: ignore[misc]
+
+    def deliver(item: object) -> bool:
+        """Hand `item` to the loop; False once the caller has gone (the loop may be closed)."""
+        if stopped.is_set():
+            return False
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+    def run() -> None:
+        try:
+            for result in stream.run(source()):
+                if not deliver(result):
+                    return
+        except BaseException as exc:
+            deliver(_Failed(exc))
+        finally:
+            deliver(_END)
+
+    def put_until_stopped(item: object) -> None:
+        while not stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                inbox.put(item, timeout=0.1)
+                return
+
+    async def put(item: object) -> None:
+        try:
+            inbox.put_nowait(item)
+        except queue.Full:  # the stream is full: wait off the loop, never past the stream
+            await asyncio.to_thread(put_until_stopped, item)
+
+    async def feed() -> None:
+        try:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    await put(item)
+            else:
+                for index, item in enumerate(items):
+                    await put(item)
+                    if index % 64 == 63:
+                        await asyncio.sleep(0)
+        except Exception as exc:
+            await put(_Failed(exc))
+            return
+        await put(_END)
+
+    worker = threading.Thread(target=run, daemon=True, name="pool-stream")
+    worker.start()
+    feeder = asyncio.ensure_future(feed())
+    try:
+        while True:
+            got = await out.get()
+            if got is _END:
+                return
+            if isinstance(got, _Failed):
+                raise got.error
+            yield got  # type: ignore[misc]
+    finally:
+        stopped.set()
+        feeder.cancel()
+        stream.cancel()
+        with contextlib.suppress(queue.Full):
+            inbox.put_nowait(_END)  # a reader waiting for input wakes and ends

@@ -1,0 +1,2 @@
+"""Transports and the server's lifecycle: gRPC, the HTTP API, the Unix socket,
+the configuration."""

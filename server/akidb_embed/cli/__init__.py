@@ -1,0 +1,1 @@
+"""The `akidb-embed` command."""

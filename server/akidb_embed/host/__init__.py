@@ -1,0 +1,1 @@
+"""What this machine has: MLX's device, the BLAS under its CPU matmuls."""

@@ -1,0 +1,1 @@
+"""Where and when compute runs: the scheduler thread, the engine worker processes."""

@@ -1,0 +1,1 @@
+"""Models on disk and on the Hub: the registry, the verified cache, pulls."""
