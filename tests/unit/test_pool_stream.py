@@ -85,9 +85,8 @@ class FakeStub:
         return FakeCall(self.script(number, requests))
 
 
-def run(script: Script, n: int, streams: int = 2) -> tuple[list[str], list[float], PoolCounters]:
-    counters = PoolCounters()
-    stream = PoolStream(
+def pool_stream(script: Script, streams: int) -> PoolStream:
+    return PoolStream(
         FakeStub(script),  # type: ignore[arg-type]
         "",
         pb.EmbedOptions(),
@@ -96,8 +95,13 @@ def run(script: Script, n: int, streams: int = 2) -> tuple[list[str], list[float
         max_items=64,
         max_chars=1 << 20,
         streams=streams,
-        counters=counters,
+        counters=PoolCounters(),
     )
+
+
+def run(script: Script, n: int, streams: int = 2) -> tuple[list[str], list[float], PoolCounters]:
+    stream = pool_stream(script, streams)
+    counters = stream.counters
     ids, values = [], []
     for result in stream.run((f"i{k}", f"text {k}") for k in range(n)):
         assert result.error is None, result.error
@@ -201,17 +205,7 @@ def async_run(
 
     from akidb_embed_client.replicas import bridge_to_async
 
-    stream = PoolStream(
-        FakeStub(script),  # type: ignore[arg-type]
-        "",
-        pb.EmbedOptions(),
-        timeout=30,
-        max_in_flight=512,
-        max_items=64,
-        max_chars=1 << 20,
-        streams=2,
-        counters=PoolCounters(),
-    )
+    stream = pool_stream(script, 2)
     fed: list[int] = []
 
     async def items() -> AsyncIterator[tuple[str, str]]:

@@ -629,16 +629,15 @@ class EmbedClient:
                 # Wait a little for a first replica; none ready is reported by the stream.
                 with contextlib.suppress(grpc.FutureTimeoutError):
                     self._ready.result(timeout=2.0)
-            return PoolStream(
+            return _pool_stream(
                 self._stub,
+                self.target,
+                self.counters,
                 model,
                 build_options(**options),
-                timeout=timeout,
-                max_in_flight=max_in_flight,
-                max_items=max_items_per_message,
-                max_chars=max_chars_per_message,
-                streams=streams if streams is not None else count_endpoints(self.target),
-                counters=self.counters,
+                timeout,
+                (max_in_flight, max_items_per_message, max_chars_per_message),
+                streams,
             ).run(_as_pair(index, item) for index, item in enumerate(items))
         return self._embed_stream(
             items,
@@ -749,6 +748,32 @@ class EmbedClient:
         self.close()
 
 
+def _pool_stream(
+    stub: pb_grpc.EmbeddingServiceStub,
+    target: str,
+    counters: PoolCounters,
+    model: str,
+    options: pb.EmbedOptions,
+    timeout: float | None,
+    limits: tuple[int, int, int],
+    streams: int | None,
+) -> PoolStream:
+    """A pool stream; `limits` are (max_in_flight, max items, max chars per message), and
+    `streams` defaults to one per replica the target names now."""
+    max_in_flight, max_items, max_chars = limits
+    return PoolStream(
+        stub,
+        model,
+        options,
+        timeout=timeout,
+        max_in_flight=max_in_flight,
+        max_items=max_items,
+        max_chars=max_chars,
+        streams=streams if streams is not None else count_endpoints(target),
+        counters=counters,
+    )
+
+
 def _pairs(
     items: Iterable[str | tuple[str, str]] | AsyncIterable[str | tuple[str, str]],
 ) -> Iterable[tuple[str, str]] | AsyncIterable[tuple[str, str]]:
@@ -825,16 +850,15 @@ class AsyncEmbedClient:
                 )
                 with contextlib.suppress(grpc.FutureTimeoutError):
                     await asyncio.to_thread(grpc.channel_ready_future(self._blocking).result, 2.0)
-            stream = PoolStream(
+            stream = _pool_stream(
                 pb_grpc.EmbeddingServiceStub(self._blocking),
+                self.target,
+                self.counters,
                 model,
                 build_options(**options),
-                timeout=timeout,
-                max_in_flight=max_in_flight,
-                max_items=max_items_per_message,
-                max_chars=max_chars_per_message,
-                streams=streams if streams is not None else count_endpoints(self.target),
-                counters=self.counters,
+                timeout,
+                (max_in_flight, max_items_per_message, max_chars_per_message),
+                streams,
             )
             async for result in bridge_to_async(stream, _pairs(items)):
                 yield result

@@ -275,12 +275,7 @@ class PoolStream:
                         self.cond.wait()
                 yield result
         finally:
-            with self.cond:
-                self.finished = True
-                calls = [s.call for s in self.subs if s.call is not None]
-                self.cond.notify_all()
-            for call in calls:
-                call.cancel()
+            self.cancel()
 
     def cancel(self) -> None:
         """Stop from another thread: `run` returns, the sub-streams are cancelled and no more
