@@ -4,14 +4,16 @@ MLX on a CPU has no fast path for 4-bit `quantized_matmul` (about 70x slower tha
 matmul with OpenBLAS here) nor for float16/bfloat16 matmuls (about 30x slower), so on the CPU
 quantised linear layers are dequantised to float32 and half-precision weights are cast to
 float32 at load. On Metal and CUDA both run fast as stored and stay so. Either choice can be
-forced with AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST = auto | always | never.
+forced with `--dequantize` / `--upcast` (AKIDB_EMBED_DEQUANTIZE / AKIDB_EMBED_UPCAST) =
+auto | always | never.
 
 Past fp32 on the CPU: where the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)
 and the compiled extension is present (cpu_bf16.py), linear layers compute in bf16 through
 oneDNN; everything else (norms, attention scores, softmax, pooling) stays fp32. The choice is
-`--cpu-precision` / AKIDB_EMBED_CPU_PRECISION = auto | fp32 | bf16, one setting per process
-tree (worker processes inherit the environment). bf16 vectors are a different space from
-fp32 ones, so the model's dtype label, and with it the fingerprint, says which ran.
+`--cpu-precision` / AKIDB_EMBED_CPU_PRECISION = auto | fp32 | bf16, one setting per server
+(ModelPrecision, carried to each engine worker with the model it loads). bf16 vectors are a
+different space from fp32 ones, so the model's dtype label, and with it the fingerprint, says
+which ran.
 """
 
 from __future__ import annotations
