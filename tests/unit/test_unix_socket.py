@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from akidb_embed.api.server import ServerConfig
-from akidb_embed.api.unix_socket import SocketInUse, prepare_socket_path
+from akidb_embed.api.unix_socket import BoundSocket, SocketInUse, prepare_socket_path
 from tests.conftest import ServerThread
 
 
@@ -143,3 +143,21 @@ def test_a_draining_server_leaves_the_next_servers_socket_alone(socket_dir: Path
         if second is not None:
             second.stop()
     assert not path.exists()  # B removes its own socket
+
+
+def test_a_server_removes_only_its_own_socket_and_says_which_case(tmp_path: Path) -> None:
+    def bind(path: Path) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        return sock
+
+    path = tmp_path / "embed.sock"
+    with bind(path):
+        ours = BoundSocket.of(path)
+        assert ours.remove() == "removed" and not path.exists()
+        assert ours.remove() == "gone"  # e.g. gRPC unlinked it when it stopped
+    with bind(path):
+        stale = BoundSocket.of(path)
+    path.unlink()
+    with bind(path):  # another server took the path meanwhile
+        assert stale.remove() == "replaced" and path.exists()

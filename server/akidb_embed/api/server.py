@@ -211,8 +211,8 @@ class EmbeddingServer:
             )
             with restrictive_umask(self.config.socket_mode):
                 self.server.add_insecure_port(f"unix:{path}")
-            self._socket = BoundSocket.of(path)
             os.chmod(path, self.config.socket_mode)
+            self._socket = BoundSocket.of(path)
             self.addresses.append(f"unix:{path}")
         if self.config.port is not None:
             port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -240,7 +240,7 @@ class EmbeddingServer:
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         # Only our own socket: a server started on this path while we drained owns it now.
-        if self._socket is not None and not self._socket.remove():
+        if self._socket is not None and self._socket.remove() == "replaced":
             log.info("left %s alone: another server has taken the path", self._socket.path)
         log.info("stopped")
 

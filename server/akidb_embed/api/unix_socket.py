@@ -8,6 +8,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from akidb_embed_client.paths import default_socket_path
 
@@ -101,20 +102,28 @@ class BoundSocket:
     path: Path
     device: int
     inode: int
+    # File systems reuse inode numbers (tmpfs does at once): the change time tells a new
+    # socket at the same inode from ours. Taken after the last chmod.
+    changed_ns: int
 
     @classmethod
     def of(cls, path: Path) -> BoundSocket:
         info = path.lstat()
-        return cls(path, info.st_dev, info.st_ino)
+        return cls(path, info.st_dev, info.st_ino, info.st_ctime_ns)
 
-    def remove(self) -> bool:
+    def remove(self) -> Literal["removed", "gone", "replaced"]:
         """Unlink the path if it is still this socket. A server started on the same path while
-        this one drained owns the path now: leave its socket alone. Returns whether removed."""
+        this one drained owns the path now ("replaced"): leave its socket alone. "gone": no
+        file is there any more (gRPC may unlink its own socket when it stops)."""
         try:
             info = self.path.lstat()
         except FileNotFoundError:
-            return False
-        if (info.st_dev, info.st_ino) != (self.device, self.inode):
-            return False
+            return "gone"
+        if (info.st_dev, info.st_ino, info.st_ctime_ns) != (
+            self.device,
+            self.inode,
+            self.changed_ns,
+        ):
+            return "replaced"
         self.path.unlink(missing_ok=True)
-        return True
+        return "removed"
