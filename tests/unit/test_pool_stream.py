@@ -111,16 +111,18 @@ def run(script: Script, n: int, streams: int = 2) -> tuple[list[str], list[float
     return ids, values, counters
 
 
-def test_broken_and_draining_sub_streams_lose_no_item_and_keep_the_order() -> None:
-    def script(
-        number: int, requests: Iterator[pb.EmbedStreamRequest]
-    ) -> Iterator[pb.EmbedStreamResponse]:
-        for answered, request in enumerate(requests):
-            if number == 0 and answered == 3:
-                raise FakeError(grpc.StatusCode.UNAVAILABLE, "connection reset")
-            yield answer(request, drain=number == 1 and answered >= 2)
+def break_one_drain_other(
+    number: int, requests: Iterator[pb.EmbedStreamRequest]
+) -> Iterator[pb.EmbedStreamResponse]:
+    """The first sub-stream breaks after 3 answers; the second's replica starts draining."""
+    for answered, request in enumerate(requests):
+        if number == 0 and answered == 3:
+            raise FakeError(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        yield answer(request, drain=number == 1 and answered >= 2)
 
-    ids, values, counters = run(script, 3000)
+
+def test_broken_and_draining_sub_streams_lose_no_item_and_keep_the_order() -> None:
+    ids, values, counters = run(break_one_drain_other, 3000)
     assert ids == [f"i{k}" for k in range(3000)]
     assert values == [float(k) for k in range(3000)]
     snapshot = counters.snapshot()
@@ -229,15 +231,7 @@ def async_run(
 
 
 def test_the_async_bridge_fails_over_and_keeps_the_order() -> None:
-    def script(
-        number: int, requests: Iterator[pb.EmbedStreamRequest]
-    ) -> Iterator[pb.EmbedStreamResponse]:
-        for answered, request in enumerate(requests):
-            if number == 0 and answered == 3:
-                raise FakeError(grpc.StatusCode.UNAVAILABLE, "connection reset")
-            yield answer(request, drain=number == 1 and answered >= 2)
-
-    ids, stream, _ = async_run(script, 3000)
+    ids, stream, _ = async_run(break_one_drain_other, 3000)
     assert ids == [f"i{k}" for k in range(3000)]
     assert stream.counters.snapshot()["resent_items"] >= 1
 

@@ -211,6 +211,19 @@ def status_of(service: EmbeddingService, name: str) -> tuple[ModelState, str]:
     return found[0].state, found[0].reason
 
 
+def count_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The directories the service loads engines from, from now on, in order."""
+    loads: list[Path] = []
+    real = loader.load_engine
+
+    def counting(directory: Path, **kwargs: Any) -> EmbeddingEngine:
+        loads.append(directory)
+        return real(directory, **kwargs)
+
+    monkeypatch.setattr(service_module, "load_engine", counting)
+    return loads
+
+
 # --- requests ------------------------------------------------------------------------------
 
 
@@ -552,14 +565,7 @@ async def test_concurrent_requests_share_one_load_and_loading_is_reported(
 ) -> None:
     add_qwen(registry, qwen_source, tmp_path)
     service = make_service()
-    loads: list[Path] = []
-    real = loader.load_engine
-
-    def counting(directory: Path, **kwargs: Any) -> EmbeddingEngine:
-        loads.append(directory)
-        return real(directory, **kwargs)
-
-    monkeypatch.setattr(service_module, "load_engine", counting)
+    loads = count_loads(monkeypatch)
     with compute_held(worker):
         waiting = [asyncio.ensure_future(service.engine(QWEN)) for _ in range(3)]
         await until(lambda: status_of(service, QWEN)[0] is ModelState.LOADING)
@@ -643,14 +649,7 @@ async def test_the_budget_refuses_a_load_when_every_model_is_pinned_or_busy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     add_qwen(registry, qwen_source, tmp_path)
-    loads: list[Path] = []
-    real = loader.load_engine
-
-    def counting(directory: Path, **kwargs: Any) -> EmbeddingEngine:
-        loads.append(directory)
-        return real(directory, **kwargs)
-
-    monkeypatch.setattr(service_module, "load_engine", counting)
+    loads = count_loads(monkeypatch)
     service = make_service(budget=ModelBudget(max_models=1))
     with pytest.raises(Overloaded) as info:
         await service.engine(QWEN)

@@ -14,6 +14,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ class Setting:
     """One `serve` flag and the ServerConfig field it sets (`path`, dotted into a part).
 
     The flag's value times `scale` is the field's value (milliseconds to seconds, MiB to
-    bytes). `default_text` replaces the shown default where it is computed elsewhere.
+    bytes); an `octal` flag is the field's integer written in octal, kept as the text it was
+    written as ("600"). `default_text` replaces the shown default where it is computed
+    elsewhere.
     """
 
     flag: str
@@ -100,6 +103,7 @@ class Setting:
     choices: tuple[str, ...] | None = None
     default_text: str | None = None
     metavar: str | None = None
+    octal: bool = False
 
     @property
     def dest(self) -> str:
@@ -116,6 +120,8 @@ class Setting:
         return value
 
     def flag_type(self) -> type:
+        if self.octal:
+            return str
         if self.kind is not None:
             return self.kind
         default = self.field_default()
@@ -123,16 +129,16 @@ class Setting:
             return bool
         if self.scale != 1:
             return type(default / self.scale) if isinstance(default, int) else float
-        return type(default.value) if hasattr(default, "value") else type(default)
+        return type(default.value) if isinstance(default, Enum) else type(default)
 
     def flag_default(self) -> Any:
         """What the flag means when absent: the field's default, in the flag's unit."""
         default = self.field_default()
         if default is None or isinstance(default, bool):
             return default
-        if self.path == "socket_mode":
+        if self.octal:
             return f"{default:o}"
-        if hasattr(default, "value"):  # an enum: its name on the command line
+        if isinstance(default, Enum):  # its value on the command line
             return default.value
         if self.scale != 1:
             unscaled = default / self.scale
@@ -143,8 +149,8 @@ class Setting:
         kind = self.flag_type()
         if kind is bool:
             return _flag_bool(text)
-        if self.path == "socket_mode":
-            _octal(text)  # checked now, kept as written ("600")
+        if self.octal:
+            _octal(text)  # checked now, kept as written
             return text
         return kind(text)
 
@@ -152,10 +158,10 @@ class Setting:
         """The flag's value as the field's."""
         if value is None or isinstance(value, bool):
             return value
-        if self.path == "socket_mode":
+        if self.octal:
             return _octal(value)
         default = self.field_default()
-        if isinstance(default, Choice | CpuPrecision):
+        if isinstance(default, Enum):
             return type(default)(value)
         if self.scale != 1:
             scaled = value * self.scale
@@ -170,7 +176,7 @@ SETTINGS: tuple[Setting, ...] = (
         "--socket-mode",
         "socket_mode",
         "socket permissions, octal",
-        kind=str,
+        octal=True,
         metavar="MODE",
     ),
     Setting(

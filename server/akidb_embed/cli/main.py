@@ -26,7 +26,7 @@ from ..api.unix_socket import SocketInUse, default_socket_path
 from ..host.blas import ensure_fast_blas
 from ..host.device import gpu_backend
 from ..observability.logs import configure_logging
-from ..runtime.workers import DEFAULT_MODEL_BYTES, default_batch_tokens, default_workers
+from ..runtime.workers import DEFAULT_MODEL_BYTES, default_workers
 from ..service.service import Limits
 from ..store.model_cache import human_size
 from ..store.registry import DEFAULT_MODEL
@@ -282,7 +282,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_bytes=model_bytes(names, local_dirs),
         )
     )
-    config.max_batch_tokens = config.max_batch_tokens or default_batch_tokens(on_gpu)
 
     def on_serving(server: EmbeddingServer) -> None:
         if args.log_format == "text":

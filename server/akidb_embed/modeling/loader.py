@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from ..errors import ModelLoadError
 from ..host.blas import openblas_threads
+from ..host.device import on_gpu
 from . import cpu_bf16
 from .engine import Compute, EmbeddingEngine, ModelProfile, Network, NetworkFacts
 from .models import architecture_module
@@ -28,7 +29,6 @@ from .precision import (
     dequantize_linears,
     log_cpu_path,
     resolve_cpu_path,
-    running_on_cpu,
 )
 from .quantization import quantize_like
 from .tokenization import TextTokenizer
@@ -318,7 +318,7 @@ def load_network(
             f"weights in {model_dir} do not fit a {model_type} model: {exc}"
         ) from exc
     del raw_weights, weights
-    on_cpu = running_on_cpu()
+    on_cpu = not on_gpu()
     cpu_path = None
     if on_cpu:
         env = None if cpu_precision is None else {CPU_PRECISION_ENV: cpu_precision.value}

@@ -29,7 +29,6 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from ..errors import ModelLoadError
-from ..host.device import on_gpu
 from . import cpu_bf16
 from .quantization import bits_label, quantized_bits
 
@@ -167,10 +166,6 @@ def log_cpu_path(path: CpuPath) -> None:
     if path not in _logged:
         _logged.add(path)
         log.info("CPU precision: %s", path.describe())
-
-
-def running_on_cpu() -> bool:
-    return not on_gpu()
 
 
 def dequantize_linears(module: nn.Module) -> None:
