@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
@@ -229,6 +230,14 @@ class EmbeddingServer:
         if self._reaper is not None:
             self._reaper.cancel()
         grace = self.config.grace_seconds if grace is None else grace
+        # Drain first, with the transport still open: new calls get the service's own
+        # UNAVAILABLE ("retry on another instance") while accepted work finishes. A call
+        # that reaches a transport already stopping is CANCELLED by gRPC, telling a
+        # client nothing.
+        deadline = time.monotonic() + grace
+        while self.service.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        grace = max(0.0, deadline - time.monotonic())
         # gRPC and HTTP drain together: new calls are refused, in-flight ones finish.
         await asyncio.gather(
             self.server.stop(grace),

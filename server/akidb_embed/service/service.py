@@ -161,6 +161,11 @@ class EmbeddingService:
         return __version__
 
     @property
+    def busy(self) -> bool:
+        """Whether accepted work is still in progress (text being embedded or queued)."""
+        return self._chars_in_flight > 0 or self.scheduler.queued_items > 0
+
+    @property
     def uptime_seconds(self) -> float:
         return time.monotonic() - self.started_at
 
