@@ -10,6 +10,12 @@
 //! answered exactly once; nothing is kept on the servers. A sub-stream takes new
 //! messages only while it has less than its share of the in-flight items, so a
 //! slow replica gets fewer of them.
+//!
+//! One slow replica does not set the pace (as in the Python client): a
+//! sub-stream whose answers take `SLOW_FACTOR` times the quickest one's gets one
+//! message at a time, and a message unanswered for `HEDGE_FACTOR` times the
+//! quickest answer time (at least `HEDGE_MIN`) is sent again on an idle
+//! sub-stream. The first answer wins; the later one is dropped.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +40,13 @@ pub const DEFAULT_MAX_RESENDS: u32 = 6;
 pub const MAX_SUBSTREAMS: usize = 8;
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_secs(1);
+/// A message late by this many times the quickest sub-stream's answer time is
+/// sent again on an idle sub-stream.
+const HEDGE_FACTOR: f64 = 4.0;
+/// ... but never one younger than this.
+const HEDGE_MIN: Duration = Duration::from_millis(20);
+/// A sub-stream this many times slower than the quickest gets one message at once.
+const SLOW_FACTOR: f64 = 4.0;
 
 /// What the client did to keep its streams whole (cumulative, shared by clones).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,6 +60,8 @@ pub struct StreamCounters {
     pub resent_messages: u64,
     /// Items a draining replica answered with UNAVAILABLE.
     pub drained_items: u64,
+    /// Items of a late message sent again on an idle sub-stream.
+    pub hedged_items: u64,
 }
 
 #[derive(Default)]
@@ -56,6 +71,7 @@ pub(crate) struct Counters {
     resent_items: AtomicU64,
     resent_messages: AtomicU64,
     drained_items: AtomicU64,
+    hedged_items: AtomicU64,
 }
 
 impl Counters {
@@ -66,6 +82,7 @@ impl Counters {
             resent_items: self.resent_items.load(Ordering::Relaxed),
             resent_messages: self.resent_messages.load(Ordering::Relaxed),
             drained_items: self.drained_items.load(Ordering::Relaxed),
+            hedged_items: self.hedged_items.load(Ordering::Relaxed),
         }
     }
 
@@ -84,10 +101,26 @@ pub(crate) struct Settings {
 }
 
 /// Items of one message and where they stand in the caller's stream.
+#[derive(Clone)]
 struct Chunk {
     indices: Vec<u64>,
     batch: Batch,
     attempt: u32,
+    sent_at: Instant,
+    /// A copy went to another sub-stream (or this is the copy): not hedged again.
+    hedged: bool,
+}
+
+impl Chunk {
+    fn new(indices: Vec<u64>, batch: Batch, attempt: u32) -> Chunk {
+        Chunk {
+            indices,
+            batch,
+            attempt,
+            sent_at: Instant::now(),
+            hedged: false,
+        }
+    }
 }
 
 enum Event {
@@ -109,6 +142,8 @@ struct Slot {
     reopen_at: Option<Instant>,
     answered: bool,
     task: Option<AbortOnDrop>,
+    /// Seconds from sending a message to its answer (a moving average).
+    latency: Option<f64>,
 }
 
 impl Slot {
@@ -125,6 +160,7 @@ impl Slot {
             reopen_at: Some(Instant::now()),
             answered: false,
             task: None,
+            latency: None,
         }
     }
 
@@ -232,6 +268,7 @@ impl Coordinator {
                 .filter_map(|s| s.reopen_at)
                 .min();
             let deadline = self.settings.deadline;
+            let hedge_at = self.next_hedge_at();
             tokio::select! {
                 event = inbox.recv() => match event {
                     Some(event) => {
@@ -249,17 +286,14 @@ impl Coordinator {
                         for _ in 0..batch.ids.len() {
                             self.done.push_back(None);
                         }
-                        let chunk = Chunk {
-                            indices: (first..self.taken).collect(),
-                            batch,
-                            attempt: 0,
-                        };
+                        let chunk = Chunk::new((first..self.taken).collect(), batch, 0);
                         let slot = self.room().expect("checked before");
                         self.assign(slot, chunk);
                     }
                     None => self.input_ended = true,
                 },
                 _ = sleep_until(wake), if wake.is_some() => {}
+                _ = sleep_until(hedge_at), if hedge_at.is_some() => {}
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     let _ = self.out.send(Err(Status::new(
                         Code::DeadlineExceeded,
@@ -291,6 +325,7 @@ impl Coordinator {
                 None => break,
             }
         }
+        self.hedge();
         while let Some(Some(_)) = self.done.front() {
             let result = self.done.pop_front().flatten().expect("checked");
             self.next_out += 1;
@@ -306,14 +341,89 @@ impl Coordinator {
         self.slots
             .iter()
             .enumerate()
-            // A full message more stays within the slot's share of the window.
-            .filter(|(_, s)| {
+            // A full message more stays within the slot's share of the window; a slow
+            // slot gets one message at a time.
+            .filter(|(i, s)| {
                 s.open()
                     && (s.items == 0
-                        || s.items + crate::client::MAX_ITEMS_PER_MESSAGE <= self.window)
+                        || (!self.slow(*i)
+                            && s.items + crate::client::MAX_ITEMS_PER_MESSAGE <= self.window))
             })
             .min_by_key(|(_, s)| s.items)
             .map(|(i, _)| i)
+    }
+
+    /// The answer time of the quickest live slot other than `but`.
+    fn fastest(&self, but: Option<usize>) -> Option<f64> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| Some(*i) != but && s.live())
+            .filter_map(|(_, s)| s.latency)
+            .fold(None, |best: Option<f64>, l| {
+                Some(best.map_or(l, |b| b.min(l)))
+            })
+    }
+
+    fn slow(&self, i: usize) -> bool {
+        match (self.slots[i].latency, self.fastest(Some(i))) {
+            (Some(mine), Some(fastest)) => mine > SLOW_FACTOR * fastest,
+            _ => false,
+        }
+    }
+
+    /// How long a message may go unanswered before it is hedged.
+    fn hedge_after(&self) -> Option<Duration> {
+        let fastest = self.fastest(None)?;
+        Some(HEDGE_MIN.max(Duration::from_secs_f64(HEDGE_FACTOR * fastest)))
+    }
+
+    fn idle_slot(&self) -> Option<usize> {
+        self.slots.iter().position(|s| s.open() && s.items == 0)
+    }
+
+    /// The oldest unanswered message (the front of another slot) not hedged yet.
+    fn oldest_unhedged(&self, but: usize) -> Option<(usize, Instant)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i != but && s.live())
+            .filter_map(|(i, s)| s.unanswered.front().map(|c| (i, c)))
+            .filter(|(_, c)| !c.hedged)
+            .map(|(i, c)| (i, c.sent_at))
+            .min_by_key(|(_, at)| *at)
+    }
+
+    /// When the oldest message becomes late, if there is an idle slot to hedge it on.
+    fn next_hedge_at(&self) -> Option<Instant> {
+        let idle = self.idle_slot()?;
+        let after = self.hedge_after()?;
+        self.oldest_unhedged(idle).map(|(_, at)| at + after)
+    }
+
+    /// Sends copies of late messages to idle slots; the first answer wins.
+    fn hedge(&mut self) {
+        while let (Some(idle), Some(after)) = (self.idle_slot(), self.hedge_after()) {
+            let (owner, sent_at) = match self.oldest_unhedged(idle) {
+                Some(found) => found,
+                None => return,
+            };
+            if sent_at + after > Instant::now() {
+                return;
+            }
+            let original = self.slots[owner].unanswered.front_mut().expect("found");
+            original.hedged = true;
+            let mut copy = original.clone();
+            copy.attempt = 0;
+            let counters = self.settings.counters.clone();
+            Counters::add(&counters.hedged_items, copy.indices.len());
+            self.assign(idle, copy);
+        }
+    }
+
+    /// Whether item `index` has its result already (a hedged copy or a re-send answered).
+    fn answered(&self, index: u64) -> bool {
+        index < self.next_out || self.done[(index - self.next_out) as usize].is_some()
     }
 
     /// Re-sends go out at once to the least loaded open slot.
@@ -326,7 +436,8 @@ impl Coordinator {
             .map(|(i, _)| i)
     }
 
-    fn assign(&mut self, slot: usize, chunk: Chunk) {
+    fn assign(&mut self, slot: usize, mut chunk: Chunk) {
+        chunk.sent_at = Instant::now();
         let s = &mut self.slots[slot];
         let request = s.sticky.request(&chunk.batch);
         s.items += chunk.batch.ids.len();
@@ -384,6 +495,8 @@ impl Coordinator {
             Status::internal("a replica answered a stream message that was not sent")
         })?;
         slot.items -= chunk.batch.ids.len();
+        let took = chunk.sent_at.elapsed().as_secs_f64();
+        slot.latency = Some(slot.latency.map_or(took, |l| 0.7 * l + 0.3 * took));
         if response.ids != chunk.batch.ids {
             return Err(Status::internal(format!(
                 "a replica answered {} ids starting {:?} for a message of {} starting {:?}",
@@ -401,17 +514,20 @@ impl Coordinator {
             }
         }
         let results = decode_stream_response(response, &mut slot.space)?;
-        let mut again = Chunk {
-            indices: Vec::new(),
-            batch: Batch {
+        let mut again = Chunk::new(
+            Vec::new(),
+            Batch {
                 model: chunk.batch.model.clone(),
                 options: chunk.batch.options.clone(),
                 ..Batch::default()
             },
-            attempt: chunk.attempt + 1,
-        };
+            chunk.attempt + 1,
+        );
         for (position, result) in results.into_iter().enumerate() {
             let index = chunk.indices[position];
+            if self.answered(index) {
+                continue; // a hedged copy or a re-send answered first: it wins
+            }
             let unavailable = matches!(&result.embedding, Err(e) if e.code() == Code::Unavailable);
             if unavailable && chunk.attempt < max_resends {
                 again.indices.push(index);
@@ -419,13 +535,9 @@ impl Coordinator {
                 again.batch.texts.push(chunk.batch.texts[position].clone());
                 continue;
             }
-            if index >= self.next_out {
-                let place = &mut self.done[(index - self.next_out) as usize];
-                if place.is_none() {
-                    *place = Some(result);
-                }
-            }
+            self.done[(index - self.next_out) as usize] = Some(result);
         }
+        let slot = &mut self.slots[i];
         if !again.indices.is_empty() {
             // The replica is draining: it gets nothing more, and the slot reopens
             // elsewhere once this stream has answered what it holds and ended.
@@ -468,8 +580,14 @@ impl Coordinator {
             }
             Counters::add(&counters.streams_broken, 1);
             slot.failures += 1;
-            let chunks: Vec<Chunk> = slot.unanswered.drain(..).collect();
+            let drained: Vec<Chunk> = slot.unanswered.drain(..).collect();
             slot.items = 0;
+            // Messages answered meanwhile on another sub-stream (hedged copies) are not resent.
+            let chunks: Vec<Chunk> = drained
+                .into_iter()
+                .filter(|c| c.indices.iter().any(|&k| !self.answered(k)))
+                .collect();
+            let slot = &mut self.slots[i];
             let unanswered: usize = chunks.iter().map(|c| c.batch.ids.len()).sum();
             let exhausted =
                 slot.failures >= max_resends || chunks.iter().any(|c| c.attempt >= max_resends);

@@ -157,3 +157,53 @@ async fn unary_calls_spread_evenly_and_with_no_replica_left_it_is_unavailable_at
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_slow_replica_does_not_set_the_pace() {
+    // Two scripted replicas, one answering at 200 ms a message. The client sends
+    // up to 256 items a message: an even split would give the slow one 16 of the
+    // 32 messages, 3.2 s.
+    let slow = ScriptedReplica::start(200);
+    let fast = ScriptedReplica::start(0);
+    let client = Client::connect_endpoints(
+        &[slow.address.as_str(), fast.address.as_str()],
+        ChannelOptions::default(),
+    )
+    .await
+    .unwrap()
+    .with_substreams(2)
+    .with_timeout(Duration::from_secs(60));
+    let n = 8000usize;
+    let items = futures_util::stream::iter(
+        (0..n).map(|i| StreamItem::new(format!("i{}", i), format!("text {}", i))),
+    );
+    let started = Instant::now();
+    let mut results = client.embed_stream(items).await.unwrap();
+    let mut seen = 0usize;
+    while let Some(result) = results.next().await {
+        let result = result.unwrap();
+        assert_eq!(
+            result.id,
+            format!("i{}", seen),
+            "out of order or duplicated"
+        );
+        let vector = result.embedding.unwrap().vector;
+        assert_eq!(vector, vec![seen as f32]);
+        seen += 1;
+    }
+    let elapsed = started.elapsed();
+    let counters = client.counters();
+    let calls = client.endpoint_calls();
+    eprintln!(
+        "slow replica: {} items in {:.2} s, {:?}, streams per endpoint {:?}",
+        n,
+        elapsed.as_secs_f64(),
+        counters,
+        calls
+    );
+    assert_eq!(seen, n, "every item answered exactly once");
+    // The slow replica holds at most one message at a time once it is known to be
+    // slow, and the late ones are hedged on the fast replica.
+    assert!(counters.hedged_items > 0, "{:?}", counters);
+    assert!(elapsed < Duration::from_millis(1600), "{:?}", elapsed);
+}

@@ -392,3 +392,84 @@ pub async fn start_replicas(n: usize) -> Vec<Replica> {
     }
     replicas
 }
+
+/// A scripted replica: a few lines of grpc.aio that answer `EmbedStream` with
+/// each item's number (ids are "i<number>") as its one-dimensional vector, after
+/// `delay_ms` per message. It takes every message at once, as a transport does,
+/// and answers them in order. No model: the tests of the client's spreading.
+const SCRIPTED: &str = r#"
+import asyncio, os, sys, threading
+import numpy as np, grpc
+from akidb.embedding.v1 import embedding_service_pb2 as pb, embedding_service_pb2_grpc as pbg
+delay = int(sys.argv[1]) / 1000
+def _watch_parent():
+    while os.read(0, 4096):
+        pass
+    os._exit(0)
+threading.Thread(target=_watch_parent, daemon=True).start()
+class Scripted(pbg.EmbeddingServiceServicer):
+    async def EmbedStream(self, requests, context):
+        inbox = asyncio.Queue()
+        async def read():
+            async for request in requests:
+                await inbox.put(request)
+            await inbox.put(None)
+        reader = asyncio.ensure_future(read())
+        while (request := await inbox.get()) is not None:
+            await asyncio.sleep(delay)
+            ids = list(request.ids)
+            values = np.array([float(i[1:]) for i in ids], "<f4")
+            yield pb.EmbedStreamResponse(
+                ids=ids,
+                embeddings=pb.EmbeddingBatch(vectors=values.tobytes(), dimensions=1,
+                    token_counts=[1] * len(ids), truncated=[False] * len(ids)),
+                space=pb.EmbeddingSpace(fingerprint="scripted", dimensions=1),
+            )
+        await reader
+async def main():
+    server = grpc.aio.server()
+    pbg.add_EmbeddingServiceServicer_to_server(Scripted(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"#;
+
+pub struct ScriptedReplica {
+    child: Child,
+    _stdin: ChildStdin,
+    pub address: String,
+}
+
+impl ScriptedReplica {
+    pub fn start(delay_ms: u64) -> ScriptedReplica {
+        let mut child = python_command()
+            .args(["-c", SCRIPTED, &delay_ms.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {} (set AKIDB_EMBED_PYTHON): {}", python(), e));
+        let stdin = child.stdin.take().unwrap();
+        let mut line = String::new();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(
+            line.starts_with("127.0.0.1:"),
+            "scripted replica said {:?}",
+            line
+        );
+        ScriptedReplica {
+            child,
+            _stdin: stdin,
+            address: line.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for ScriptedReplica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
