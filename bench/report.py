@@ -53,6 +53,7 @@ def table(r: dict[str, Any]) -> str:
             f"{ratio:>6s} {cos:>10s} {err:>8s}"
         )
     li, ll = r["latency_idle"], r["latency_under_load"]
+    pl = r.get("latency_under_load_paced", {})
     eq = r.get("engine_query")
     ce = r.get("ceiling")
     if ce:
@@ -77,11 +78,18 @@ def table(r: dict[str, Any]) -> str:
     rss = r["rss"]
     lines += [
         "",
-        f"query latency (1 text, Embed): idle p50 {li['p50_ms']:.1f} ms, p99 {li['p99_ms']:.1f} ms;"
-        f" during a bulk stream p50 {ll['p50_ms']:.1f} ms, p99 {ll['p99_ms']:.1f} ms "
-        f"(bulk meanwhile {ll['bulk_texts_per_second']:.0f} texts/s, "
-        f"{ll['bulk_vs_served_stream']:.2f} of the stream alone)"
+        f"query latency (1 text, Embed): idle p50 {li['p50_ms']:.1f} ms, p99 {li['p99_ms']:.1f} ms"
         + (f"; engine forward alone p50 {eq['p50_ms']:.1f} ms" if eq else ""),
+        *(
+            f"  during a bulk stream, {what}: p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms; "
+            f"bulk {x['bulk_texts_per_second']:.0f} texts/s, {x['bulk_vs_alone']:.2f} of the same "
+            f"stream just before ({x['bulk_alone_texts_per_second']:.0f})"
+            for what, x in (
+                ("queries back to back", ll),
+                (f"{pl.get('queries_per_second') or 0:.0f} queries/s", pl),
+            )
+            if x
+        ),
         f"FLOP bound: {fb['matmul_gflop']:.0f} GFLOP of matmuls / {fb['gemm_gflops']:.0f} GFLOP/s "
         f"fp32 GEMM = {fb['bound_texts_per_second']:.0f} texts/s; reached: "
         + ", ".join(

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +125,16 @@ class Latency:
     count: int
 
 
-def query_latency(target: str, queries: Sequence[str]) -> Latency:
-    """Single-text Embed calls, one at a time."""
+def query_latency(target: str, queries: Sequence[str], interval: float = 0.0) -> Latency:
+    """Single-text Embed calls, one at a time: back to back, or one every `interval` s."""
     times = []
     with EmbedClient(target, timeout=60) as client:
         client.embed([queries[0]])
+        next_at = time.perf_counter()
         for query in queries:
+            if interval:
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.perf_counter()))
             started = time.perf_counter()
             client.embed([query])
             times.append(time.perf_counter() - started)
@@ -138,10 +142,22 @@ def query_latency(target: str, queries: Sequence[str]) -> Latency:
     return Latency(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(ms))
 
 
+@dataclass(frozen=True)
+class UnderLoad:
+    latency: Latency
+    bulk_alone: float  # texts/s of the bulk stream just before the queries
+    bulk_during: float  # ... and while they ran
+
+
 def query_latency_under_load(
-    target: str, queries: Sequence[str], bulk: Sequence[str]
-) -> tuple[Latency, float]:
-    """Query latency while EmbedStream re-embeds `bulk` in a loop; also the bulk texts/s."""
+    target: str,
+    queries: Sequence[str],
+    bulk: Sequence[str],
+    interval: float = 0.0,
+    alone_seconds: float = 4.0,
+) -> UnderLoad:
+    """Query latency while EmbedStream re-embeds `bulk` in a loop, and the bulk stream's
+    texts/s alone (for `alone_seconds`, same stream) and during the queries."""
     stop = threading.Event()
     done = [0]
     ready = threading.Event()
@@ -155,25 +171,30 @@ def query_latency_under_load(
 
             for _ in client.embed_stream(items()):  # type: ignore[arg-type]
                 done[0] += 1
-                if done[0] == 64:
+                if done[0] == 256:
                     ready.set()
                 if stop.is_set():
                     break
 
+    def rate_over(run: Callable[[], object]) -> tuple[object, float]:
+        counted_from, started = done[0], time.perf_counter()
+        out = run()
+        # Results come a message at a time: count until one more has arrived.
+        after = done[0]
+        deadline = time.monotonic() + 120
+        while done[0] == after and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return out, (done[0] - counted_from) / (time.perf_counter() - started)
+
     thread = threading.Thread(target=background, daemon=True)
     thread.start()
     ready.wait(120)
-    counted_from, started = done[0], time.perf_counter()
-    latency = query_latency(target, queries)
-    # Results come a message at a time: count until one more has arrived after the queries.
-    after_queries = done[0]
-    deadline = time.monotonic() + 120
-    while done[0] == after_queries and time.monotonic() < deadline:
-        time.sleep(0.001)
-    bulk_rate = (done[0] - counted_from) / (time.perf_counter() - started)
+    _, alone = rate_over(lambda: time.sleep(alone_seconds))
+    latency, during = rate_over(lambda: query_latency(target, queries, interval))
     stop.set()
     thread.join(120)
-    return latency, bulk_rate
+    assert isinstance(latency, Latency)
+    return UnderLoad(latency, alone, during)
 
 
 def rss_over_stream(server: ServerProcess, texts: Sequence[str]) -> tuple[int, int, float]:

@@ -45,7 +45,7 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
         assert entry["parity"]["max_abs_error"] < 1e-4, (key, entry["parity"])
         expected = entry["texts_per_second"] / results["sentence_transformers"]["texts_per_second"]
         assert entry["vs_sentence_transformers"] == pytest.approx(expected)
-    for case in ("latency_idle", "latency_under_load"):
+    for case in ("latency_idle", "latency_under_load", "latency_under_load_paced"):
         assert 0 < results[case]["p50_ms"] <= results[case]["p99_ms"], case
     assert results["rss"]["before_bytes"] > 0 and results["rss"]["after_bytes"] > 0
     assert results["flop_bound"]["gemm_gflops"] > 0
@@ -61,7 +61,13 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
         assert ceiling[key] > 0, key
     assert "serving ceiling" in done.stdout
     assert 0 < results["engine_query"]["p50_ms"] <= results["engine_query"]["p99_ms"]
-    assert results["latency_under_load"]["bulk_vs_served_stream"] > 0
+    for case in ("latency_under_load", "latency_under_load_paced"):
+        load = results[case]
+        assert load["bulk_alone_texts_per_second"] > 0 and load["bulk_texts_per_second"] > 0
+        expected = load["bulk_texts_per_second"] / load["bulk_alone_texts_per_second"]
+        assert load["bulk_vs_alone"] == pytest.approx(expected)
+    assert results["latency_under_load_paced"]["queries_per_second"] == pytest.approx(10)
+    assert "queries/s: p50" in done.stdout
     # bf16 rows where oneDNN can run them here, else the reason they were left out.
     from akidb_embed.modeling import cpu_bf16
 

@@ -367,15 +367,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.HealthResponse:
         models = []
         all_serving = self.service.accepting
-        for status in self.service.statuses():
-            if status.state is ModelState.LOADED:
+        for name, state, reason in self.service.model_health():
+            if state is ModelState.LOADED:
                 serving = pb.SERVING_STATUS_SERVING
             else:
                 serving = pb.SERVING_STATUS_NOT_SERVING
-            if status.state in (ModelState.LOADED, ModelState.LOADING, ModelState.FAILED):
-                models.append(
-                    pb.ModelHealth(name=status.entry.name, status=serving, reason=status.reason)
-                )
+            models.append(pb.ModelHealth(name=name, status=serving, reason=reason))
         pool = self.service.scheduler.pool
         ready_workers = pool.ready_count if pool is not None else 0
         if pool is not None and ready_workers == 0:

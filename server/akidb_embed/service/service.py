@@ -646,6 +646,22 @@ class EmbeddingService:
             "work waits in the queue"
         )
 
+    def model_health(self) -> list[tuple[str, ModelState, str]]:
+        """(name, state, reason) of each model loaded, loading or failed, in that order of
+        precedence: what health reports. From memory only: a probe must not walk the model
+        cache on the event loop (statuses() does, for ListModels)."""
+        out: list[tuple[str, ModelState, str]] = []
+        seen: set[str] = set()
+        loaded = [(e.name, ModelState.LOADED, "") for e in self.residents.engines()]
+        loading = [(name, ModelState.LOADING, "") for name in self._loading]
+        refused = [(n, ModelState.FAILED, r) for n, r in self._refused.items()]
+        failed = [(n, ModelState.FAILED, r) for n, r in self._failed.items()]
+        for name, state, reason in loaded + loading + refused + failed:
+            if name not in seen:
+                seen.add(name)
+                out.append((name, state, reason))
+        return out
+
     def statuses(self) -> list[ModelStatus]:
         """Every model the server knows: the registry's, the cache's, and any loaded or
         loading by another spelling (e.g. `name@revision`)."""
