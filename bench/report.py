@@ -82,8 +82,8 @@ def table(r: dict[str, Any]) -> str:
         + (f"; engine forward alone p50 {eq['p50_ms']:.1f} ms" if eq else ""),
         *(
             f"  during a bulk stream, {what}: p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms; "
-            f"bulk {x['bulk_texts_per_second']:.0f} texts/s, {x['bulk_vs_alone']:.2f} of the same "
-            f"stream just before ({x['bulk_alone_texts_per_second']:.0f})"
+            f"bulk {x['bulk_tokens_per_second']:.0f} tokens/s, {x['bulk_vs_alone']:.2f} of the "
+            f"same stream just before ({x['bulk_alone_tokens_per_second']:.0f})"
             for what, x in (
                 ("queries back to back", ll),
                 (f"{pl.get('queries_per_second') or 0:.0f} queries/s", pl),

@@ -227,13 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if interval:
                     log.step(f"query latency, {1 / interval:.0f} queries/s during a bulk stream")
                 load = served.query_latency_under_load(
-                    target, queries[:count], passages, interval, 1.0 if args.quick else 4.0
+                    target, queries[:count], passages, interval, 1.0 if args.quick else 8.0
                 )
                 results[key] = asdict(load.latency) | {
                     "queries_per_second": 1 / interval if interval else None,
-                    "bulk_texts_per_second": load.bulk_during,
-                    "bulk_alone_texts_per_second": load.bulk_alone,
-                    "bulk_vs_alone": load.bulk_during / load.bulk_alone,
+                    "bulk_texts_per_second": load.texts_during,
+                    "bulk_alone_texts_per_second": load.texts_alone,
+                    "bulk_tokens_per_second": load.tokens_during,
+                    "bulk_alone_tokens_per_second": load.tokens_alone,
+                    "bulk_vs_alone": load.tokens_during / load.tokens_alone,
                 }
 
             log.step(f"server RSS around streaming {args.rss_texts} short texts")

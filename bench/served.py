@@ -145,8 +145,12 @@ def query_latency(target: str, queries: Sequence[str], interval: float = 0.0) ->
 @dataclass(frozen=True)
 class UnderLoad:
     latency: Latency
-    bulk_alone: float  # texts/s of the bulk stream just before the queries
-    bulk_during: float  # ... and while they ran
+    # The bulk stream's rates just before the queries (`alone_seconds`) and while they ran.
+    # Its texts differ in length from one second to the next: tokens/s is the fair ratio.
+    texts_alone: float
+    texts_during: float
+    tokens_alone: float
+    tokens_during: float
 
 
 def query_latency_under_load(
@@ -157,9 +161,9 @@ def query_latency_under_load(
     alone_seconds: float = 4.0,
 ) -> UnderLoad:
     """Query latency while EmbedStream re-embeds `bulk` in a loop, and the bulk stream's
-    texts/s alone (for `alone_seconds`, same stream) and during the queries."""
+    rates alone (for `alone_seconds`, same stream) and during the queries."""
     stop = threading.Event()
-    done = [0]
+    done = [0, 0]  # texts, tokens
     ready = threading.Event()
 
     def background() -> None:
@@ -169,32 +173,36 @@ def query_latency_under_load(
                 while not stop.is_set():
                     yield from bulk
 
-            for _ in client.embed_stream(items()):  # type: ignore[arg-type]
+            for result in client.embed_stream(items()):  # type: ignore[arg-type]
                 done[0] += 1
+                done[1] += result.token_count
                 if done[0] == 256:
                     ready.set()
                 if stop.is_set():
                     break
 
-    def rate_over(run: Callable[[], object]) -> tuple[object, float]:
-        counted_from, started = done[0], time.perf_counter()
+    def rates_over(run: Callable[[], object]) -> tuple[object, float, float]:
+        texts, tokens, started = done[0], done[1], time.perf_counter()
         out = run()
         # Results come a message at a time: count until one more has arrived.
         after = done[0]
         deadline = time.monotonic() + 120
         while done[0] == after and time.monotonic() < deadline:
             time.sleep(0.001)
-        return out, (done[0] - counted_from) / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        return out, (done[0] - texts) / seconds, (done[1] - tokens) / seconds
 
     thread = threading.Thread(target=background, daemon=True)
     thread.start()
     ready.wait(120)
-    _, alone = rate_over(lambda: time.sleep(alone_seconds))
-    latency, during = rate_over(lambda: query_latency(target, queries, interval))
+    _, texts_alone, tokens_alone = rates_over(lambda: time.sleep(alone_seconds))
+    latency, texts_during, tokens_during = rates_over(
+        lambda: query_latency(target, queries, interval)
+    )
     stop.set()
     thread.join(120)
     assert isinstance(latency, Latency)
-    return UnderLoad(latency, alone, during)
+    return UnderLoad(latency, texts_alone, texts_during, tokens_alone, tokens_during)
 
 
 def rss_over_stream(server: ServerProcess, texts: Sequence[str]) -> tuple[int, int, float]:

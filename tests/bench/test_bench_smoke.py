@@ -63,8 +63,8 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
     assert 0 < results["engine_query"]["p50_ms"] <= results["engine_query"]["p99_ms"]
     for case in ("latency_under_load", "latency_under_load_paced"):
         load = results[case]
-        assert load["bulk_alone_texts_per_second"] > 0 and load["bulk_texts_per_second"] > 0
-        expected = load["bulk_texts_per_second"] / load["bulk_alone_texts_per_second"]
+        assert load["bulk_alone_tokens_per_second"] > 0 and load["bulk_tokens_per_second"] > 0
+        expected = load["bulk_tokens_per_second"] / load["bulk_alone_tokens_per_second"]
         assert load["bulk_vs_alone"] == pytest.approx(expected)
     assert results["latency_under_load_paced"]["queries_per_second"] == pytest.approx(10)
     assert "queries/s: p50" in done.stdout

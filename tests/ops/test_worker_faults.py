@@ -44,6 +44,8 @@ def workers_server(tmp_path: Path) -> Iterator[ServerProcess]:
         tmp_path / "server.log",
         "--workers",
         "2",
+        "--query-workers",  # two processes, as the counts below say
+        "0",
         "--batch-timeout",
         "3",
         env={FAULT_TOKEN_ENV: str(POISON_TOKEN)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -33,9 +34,11 @@ class Model:
 class FakePool:
     """`processes` threads; records batches and the most run at once; can hold them."""
 
-    def __init__(self, processes: int = 2) -> None:
-        self.processes = processes
-        self.ready_count = processes
+    def __init__(self, processes: int = 2, query_processes: int = 0) -> None:
+        self.processes = processes + query_processes
+        self.ready_count = processes + query_processes
+        self.bulk_capacity = processes
+        self.interactive: list[bool] = []
         self.batches: list[list[int]] = []
         self.running = 0
         self.most_running = 0
@@ -48,9 +51,12 @@ class FakePool:
     def on_capacity_change(self, listener: object) -> None:
         pass
 
-    def submit(self, model: str, ids: np.ndarray, lengths: np.ndarray) -> Future[np.ndarray]:
+    def submit(
+        self, model: str, ids: np.ndarray, lengths: np.ndarray, interactive: bool = False
+    ) -> Future[np.ndarray]:
         batch = unpack(ids, lengths)
         with self._lock:
+            self.interactive.append(interactive)
             self.running += 1
             self.most_running = max(self.most_running, self.running)
             self.batches.append([ids[0] for ids in batch])
@@ -119,6 +125,30 @@ def test_a_query_goes_before_planned_bulk_batches() -> None:
     assert order.index(5000) <= 2, pool.batches
 
 
+def test_bulk_work_leaves_the_query_process_free() -> None:
+    """One bulk process and one kept for queries: bulk batches go one at a time although two
+    processes are ready, and a query starts at once, beside the bulk batch in progress."""
+    pool = FakePool(processes=1, query_processes=1)
+    pool.gate.clear()
+    compute = worker(pool, tokens=16)
+    bulk = [compute.submit(Model(), [i, *([7] * 10)]) for i in range(10)]
+    assert pool.started.wait(10)
+    time.sleep(0.1)  # room for a second bulk batch to start, if the scheduler allowed one
+    assert pool.running == 1, pool.batches
+    query = compute.submit(Model(), [5000], interactive=True)
+    deadline = time.monotonic() + 10
+    while pool.running < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert pool.running == 2 and pool.batches[-1] == [5000], pool.batches
+    assert pool.interactive == [False, True]
+    pool.gate.set()
+    vector(query)
+    for future in bulk:
+        vector(future)
+    compute.stop(10)
+    assert pool.most_running == 2
+
+
 def test_a_caller_that_gives_up_while_planned_costs_no_compute() -> None:
     pool = FakePool(processes=1)
     pool.gate.clear()
@@ -146,12 +176,14 @@ def test_stop_finishes_what_is_queued() -> None:
 
 def test_a_failed_batch_fails_only_its_items() -> None:
     class FailingPool(FakePool):
-        def submit(self, model: str, ids: np.ndarray, lengths: np.ndarray) -> Future[np.ndarray]:
+        def submit(
+            self, model: str, ids: np.ndarray, lengths: np.ndarray, interactive: bool = False
+        ) -> Future[np.ndarray]:
             if any(row[0] == 13 for row in unpack(ids, lengths)):
                 future: Future[np.ndarray] = Future()
                 future.set_exception(RuntimeError("worker said no"))
                 return future
-            return super().submit(model, ids, lengths)
+            return super().submit(model, ids, lengths, interactive)
 
     compute = Scheduler(max_batch_tokens=4, max_batch_size=1, pool=FailingPool())  # type: ignore[arg-type]
     compute.start()

@@ -203,7 +203,10 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
     env = {**os.environ, "PYTHONPATH": f"{repo / 'server'}{os.pathsep}{repo / 'clients/python'}"}
     command = [sys.executable, "-m", "akidb_embed", "serve", "--socket", str(socket)]
     server = subprocess.Popen(
-        [*command, "--workers", "2"], env=env, start_new_session=True, stderr=subprocess.PIPE
+        [*command, "--workers", "2", "--query-workers", "1"],
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 120
@@ -220,7 +223,7 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path: Path, group: bool) -
             for p in psutil.Process(server.pid).children()
             if "spawn_main" in " ".join(p.cmdline())
         ]
-        assert len(workers) == 2
+        assert len(workers) == 3  # two engine workers and one kept for queries
         if group:
             os.killpg(server.pid, signal.SIGTERM)
         else:
@@ -270,3 +273,49 @@ def test_the_default_worker_count_fits_the_memory_budget(monkeypatch: pytest.Mon
     monkeypatch.setattr(workers, "cgroup_memory_limit", lambda: 1024 * mib)
     assert workers.default_workers(False) == 2
     assert workers.default_workers(True) == 1  # a GPU: one supervised worker
+
+
+@needs_minilm
+def test_a_query_process_answers_while_the_bulk_process_is_stuck() -> None:
+    """One bulk process and one kept for queries. With the bulk process stopped mid-batch,
+    queries still come back, from the query process, and bulk work waits for its own
+    process (the watchdog's business, not the query process's)."""
+    import os
+    import signal
+    import time
+
+    assert MINILM is not None
+    with WorkerPool(1, watchdog=Watchdog(min_seconds=60), query_processes=1) as workers:
+        workers.load(ModelSpec("minilm", MINILM, "minilm", "test"))
+        assert workers.processes == 2 and workers.query_processes == 1
+        assert workers.bulk_capacity == 1
+        expected = workers.forward("minilm", [[101, 7592, 102]])
+        bulk_pid, _ = workers.pids()
+        os.kill(bulk_pid, signal.SIGSTOP)
+        try:
+            rows = pack([[101, *range(2000, 2100), 102]] * 8)
+            # The stopped process holds one; a query process that took bulk work would
+            # answer the others.
+            stuck = [workers.submit("minilm", rows.ids, rows.lengths) for _ in range(3)]
+            query = pack([[101, 7592, 102]])
+            for _ in range(3):
+                got = workers.submit("minilm", query.ids, query.lengths, interactive=True)
+                np.testing.assert_allclose(got.result(30), expected, atol=1e-6)
+            time.sleep(0.5)
+            assert not any(f.done() for f in stuck)  # the query process took no bulk work
+        finally:
+            os.kill(bulk_pid, signal.SIGCONT)
+        assert all(f.result(60).shape == (8, 384) for f in stuck)
+
+
+def test_the_query_process_is_kept_only_where_it_fits() -> None:
+    from akidb_embed.runtime.workers import default_query_workers, workers_for_memory
+
+    mib = 2**20
+    assert workers_for_memory(1024 * mib) == 2  # the budget the numbers below rely on
+    assert default_query_workers(False, 2, memory_budget=1024 * mib) == 0  # no third copy
+    assert default_query_workers(False, 2, memory_budget=2048 * mib) == 1
+    assert default_query_workers(False, 0, memory_budget=2048 * mib) == 0  # in-process
+    assert default_query_workers(True, 1, memory_budget=2048 * mib) == 0  # one GPU
+    big = 4 * 1024 * mib  # a model whose copies fill the budget
+    assert default_query_workers(False, 2, memory_budget=9 * 1024 * mib, model_bytes=big) == 0

@@ -62,6 +62,8 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     # Engine worker processes (workers.py); 0 runs the models in this process.
     workers: int = 0
+    # More engine worker processes, kept for queries (with workers > 0).
+    query_workers: int = 0
     # The OpenAI-compatible HTTP API (http_api.py) when set (0 picks a free port).
     http_port: int | None = None
     http_host: str = "127.0.0.1"

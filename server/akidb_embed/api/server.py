@@ -62,7 +62,11 @@ class EmbeddingServer:
             self.registry.add_local(directory)
         self.metrics = Metrics()
         self.pool = (
-            WorkerPool(config.workers, watchdog=config.watchdog) if config.workers > 0 else None
+            WorkerPool(
+                config.workers, watchdog=config.watchdog, query_processes=config.query_workers
+            )
+            if config.workers > 0
+            else None
         )
         self.scheduler = Scheduler(
             batch_tokens,
@@ -143,7 +147,12 @@ class EmbeddingServer:
         log.info(
             "SERVING (backend: %s, %s)",
             describe_backend(self.config.precision.cpu),
-            f"{self.pool.processes} engine worker processes" if self.pool else "in-process engine",
+            (
+                f"{self.pool.processes} engine worker processes, "
+                f"{self.pool.query_processes} of them kept for queries"
+            )
+            if self.pool
+            else "in-process engine",
         )
 
     def limits(self) -> dict[str, int | float]:

@@ -26,7 +26,7 @@ from ..api.unix_socket import SocketInUse, default_socket_path
 from ..host.blas import ensure_fast_blas
 from ..host.device import gpu_backend
 from ..observability.logs import configure_logging
-from ..runtime.workers import DEFAULT_MODEL_BYTES, default_workers
+from ..runtime.workers import DEFAULT_MODEL_BYTES, default_query_workers, default_workers
 from ..service.service import Limits
 from ..store.model_cache import human_size
 from ..store.registry import DEFAULT_MODEL
@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "dead or hung one is replaced and its batch re-run (default: one per core on CPU, as "
         "many as --memory-budget-mb allows; 1 on a GPU; 0 runs the models in the server "
         "process, unsupervised)",
+    )
+    serve.add_argument(
+        "--query-workers",
+        type=int,
+        help="engine worker processes kept for queries (Embed calls of at most 8 texts) beside "
+        "--workers, so that a query never waits for a bulk batch to finish; each holds one "
+        "more copy of the models (default: 1 on CPU with engine workers, if memory allows; 0 "
+        "on a GPU or with --workers 0)",
     )
     serve.add_argument(
         "--memory-budget-mb",
@@ -273,13 +281,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_api_keys=api_keys,
     )
     config = apply_settings(base, args)
+    budget = args.memory_budget_mb * 2**20 if args.memory_budget_mb else None
+    weights = model_bytes(names, local_dirs)
     config.workers = (
         args.workers
         if args.workers is not None
-        else default_workers(
-            on_gpu,
-            memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
-            model_bytes=model_bytes(names, local_dirs),
+        else default_workers(on_gpu, memory_budget=budget, model_bytes=weights)
+    )
+    if args.query_workers is not None and args.query_workers < 0:
+        return fail(f"--query-workers {args.query_workers}: give 0 or more")
+    if args.query_workers and config.workers == 0:
+        return fail("--query-workers needs engine workers: give --workers 1 or more")
+    config.query_workers = (
+        args.query_workers
+        if args.query_workers is not None
+        else default_query_workers(
+            on_gpu, config.workers, memory_budget=budget, model_bytes=weights
         )
     )
 

@@ -119,6 +119,7 @@ class Batch:
     ids: np.ndarray
     lengths: np.ndarray
     enqueued_at: float
+    interactive: bool = False
 
     @property
     def padded_tokens(self) -> int:
@@ -217,8 +218,10 @@ class Scheduler:
         self._on_batch = on_batch
         self.pool = pool
         # Batches handed to the pool and not finished: at most one per ready process, so a
-        # query waits for at most the batch in progress.
+        # query waits for at most the batch in progress; bulk ones at most one per process
+        # that takes bulk work, so a process kept for queries stays free for them.
         self._in_flight = 0
+        self._in_flight_bulk = 0
         self._cond = threading.Condition()
         if pool is not None:
             pool.on_capacity_change(self._wake)
@@ -408,6 +411,8 @@ class Scheduler:
             first, *rest = self._plan(window, self.max_batch_tokens, self.max_batch_size)
             self._ready.extendleft(reversed(rest))
             return first
+        if self._bulk_full():
+            return []  # the query in the lane was cancelled; bulk work waits for a process
         if not self._ready:
             name = next((n for n, q in self._bulk.items() if q), None)
             if name is not None:
@@ -438,7 +443,20 @@ class Scheduler:
         return bool(self._ready) or any(q for lane in self._lanes for q in lane.values())
 
     def _pool_full(self) -> bool:
-        return self.pool is not None and self._in_flight >= max(1, self.pool.ready_count)
+        """(lock held) No process is free for the next batch: a query, if one is queued,
+        else bulk work."""
+        pool = self.pool
+        if pool is None:
+            return False
+        if self._in_flight >= max(1, pool.ready_count):
+            return True
+        if any(q for q in self._interactive.values()):
+            return False
+        return self._bulk_full()
+
+    def _bulk_full(self) -> bool:
+        pool = self.pool
+        return pool is not None and self._in_flight_bulk >= max(1, pool.bulk_capacity)
 
     def _loop(self) -> None:
         while True:
@@ -494,6 +512,7 @@ class Scheduler:
             ids=ids,
             lengths=lengths,
             enqueued_at=min(g.enqueued_at for g, _ in live),
+            interactive=all(g.interactive for g, _ in live),
         )
 
     @staticmethod
@@ -519,10 +538,12 @@ class Scheduler:
 
     def _dispatch(self, pool: WorkerPool, batch: Batch) -> None:
         """Hand a batch to a worker process; its results arrive on a pool thread."""
+        bulk = 0 if batch.interactive else 1
         with self._cond:
             self._in_flight += 1
+            self._in_flight_bulk += bulk
         started = time.monotonic()
-        future = pool.submit(batch.model.name, batch.ids, batch.lengths)
+        future = pool.submit(batch.model.name, batch.ids, batch.lengths, batch.interactive)
 
         def done(future: Future[np.ndarray]) -> None:
             try:
@@ -536,6 +557,7 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._in_flight -= 1
+                    self._in_flight_bulk -= bulk
                     self._cond.notify_all()
 
         future.add_done_callback(done)

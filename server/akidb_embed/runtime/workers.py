@@ -210,6 +210,23 @@ def default_workers(
     return processes if processes > 1 else 0
 
 
+def default_query_workers(
+    on_gpu: bool,
+    workers: int,
+    memory_budget: int | None = None,
+    model_bytes: int = DEFAULT_MODEL_BYTES,
+) -> int:
+    """Processes kept for queries by default: one beside CPU engine workers if memory has
+    room for one more copy of the models (`workers_for_memory`), else none; none on a GPU
+    (one device) or without engine workers."""
+    if on_gpu or workers < 1:
+        return 0
+    budget = memory_budget if memory_budget is not None else memory_limit()
+    if budget is not None and workers_for_memory(budget, model_bytes) < workers + 1:
+        return 0
+    return 1
+
+
 def default_batch_tokens(on_gpu: bool) -> int:
     """Padded tokens per batch. On CPU a batch whose activations fit in the core's cache
     is ~1.5x faster than an 8192-token one (docs/performance.md)."""
@@ -328,6 +345,7 @@ class _Job:
     future: Future[np.ndarray]
     attempts: int = 0
     first_failure: str = ""
+    interactive: bool = False
 
     @property
     def padded_tokens(self) -> int:
@@ -355,25 +373,37 @@ class _Slot:
     # (a broken install, no memory) is retried with a growing pause, not in a tight loop.
     failed_starts: int = 0
     ever_ready: bool = False
+    # Kept for queries: it takes bulk work only while no other process can.
+    for_queries: bool = False
 
 
 class WorkerPool:
-    """N supervised worker processes running the same models; thread-safe."""
+    """N supervised worker processes running the same models, plus `query_processes` kept
+    for queries (interactive batches); thread-safe.
+
+    Any free process takes a query first. A query process takes bulk batches only while no
+    bulk process is ready, so a query never waits for a bulk batch to finish: on a machine
+    whose cores all compute bulk batches, the query shares a core for its few milliseconds
+    instead of queueing behind a batch (docs/serving-path.md has the numbers)."""
 
     def __init__(
         self,
         processes: int | None = None,
         blas_threads: int = 1,
         watchdog: Watchdog | None = None,
+        query_processes: int = 0,
     ) -> None:
         count = processes if processes is not None else default_processes()
         if count < 1:
             raise ValueError(f"processes={count}: a pool needs at least one process")
+        if query_processes < 0:
+            raise ValueError(f"query_processes={query_processes}: must be 0 or more")
         self.blas_threads = blas_threads
         self.watchdog = watchdog or Watchdog()
         self._context = multiprocessing.get_context("spawn")  # never fork a process with MLX
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()
+        self._queries: deque[_Job] = deque()
         self._desired: dict[str, ModelSpec] = {}
         # Per model: slot index -> error text of a failed load (cleared on the next load).
         self._load_errors: dict[str, dict[int, str]] = {}
@@ -386,7 +416,9 @@ class WorkerPool:
         self.reruns = 0
         self.failed_batches = 0
         self.last_failure = ""
-        self._slots = [_Slot(i) for i in range(count)]
+        self._slots = [_Slot(i) for i in range(count)] + [
+            _Slot(count + i, for_queries=True) for i in range(query_processes)
+        ]
         for slot in self._slots:
             self._spawn(slot)
         for slot in self._slots:
@@ -408,6 +440,17 @@ class WorkerPool:
     def ready_count(self) -> int:
         """Processes alive with every model loaded: the ones that can compute now."""
         return sum(1 for slot in self._slots if slot.ready)
+
+    @property
+    def query_processes(self) -> int:
+        return sum(1 for slot in self._slots if slot.for_queries)
+
+    @property
+    def bulk_capacity(self) -> int:
+        """Bulk batches that can run at once: the ready bulk processes, or, while none is,
+        the ready query processes."""
+        bulk = sum(1 for slot in self._slots if slot.ready and not slot.for_queries)
+        return bulk or self.ready_count
 
     @property
     def models(self) -> list[str]:
@@ -463,17 +506,35 @@ class WorkerPool:
             self._facts.pop(name, None)
             self._cond.notify_all()
 
-    def submit(self, model: str, ids: np.ndarray, lengths: np.ndarray) -> Future[np.ndarray]:
-        """Pooled float32 vectors (B, dim) of a packed batch, from the first free process."""
+    def submit(
+        self, model: str, ids: np.ndarray, lengths: np.ndarray, interactive: bool = False
+    ) -> Future[np.ndarray]:
+        """Pooled float32 vectors (B, dim) of a packed batch, from the first free process
+        (an interactive batch: ahead of bulk ones, and on a query process too)."""
         future: Future[np.ndarray] = Future()
-        job = _Job(model, np.asarray(ids, np.int32), np.asarray(lengths, np.int32), future)
+        job = _Job(
+            model,
+            np.asarray(ids, np.int32),
+            np.asarray(lengths, np.int32),
+            future,
+            interactive=interactive,
+        )
         with self._cond:
             if self._closing:
                 future.set_exception(Unavailable("the engine workers are shutting down"))
                 return future
-            self._jobs.append(job)
+            (self._queries if interactive else self._jobs).append(job)
             self._cond.notify_all()
         return future
+
+    def _has_job_for(self, slot: _Slot) -> bool:
+        """(lock held) Whether `slot` has a batch to take: a query, or bulk work unless it
+        is kept for queries and a bulk process is ready."""
+        if self._queries:
+            return True
+        if not self._jobs:
+            return False
+        return not slot.for_queries or not any(s.ready and not s.for_queries for s in self._slots)
 
     def forward(self, model: str, batch: list[list[int]]) -> np.ndarray:
         """Blocking forward of id lists (tests, tools)."""
@@ -489,7 +550,8 @@ class WorkerPool:
             if self._closing:
                 return
             self._closing = True
-            jobs, self._jobs = list(self._jobs), deque()
+            jobs, self._jobs = list(self._queries) + list(self._jobs), deque()
+            self._queries = deque()
             self._cond.notify_all()
         for job in jobs:
             job.future.set_exception(Unavailable("the engine workers are shutting down"))
@@ -612,7 +674,7 @@ class WorkerPool:
                     continue
                 backoff = 0.5
                 # Wait for a batch; wake now and then to notice a death while idle.
-                while not self._jobs and not self._closing:
+                while not self._has_job_for(slot) and not self._closing:
                     if any(n not in slot.loaded for n in self._desired) or any(
                         n not in self._desired for n in slot.loaded
                     ):
@@ -620,9 +682,9 @@ class WorkerPool:
                     self._cond.wait(0.5)
                     if not process.is_alive():
                         break
-                if self._closing or not self._jobs or not process.is_alive():
+                if self._closing or not self._has_job_for(slot) or not process.is_alive():
                     continue
-                job = self._jobs.popleft()
+                job = self._queries.popleft() if self._queries else self._jobs.popleft()
                 if job.future.cancelled():
                     continue
                 slot.busy = True
@@ -681,6 +743,7 @@ class WorkerPool:
                 Future(),
                 attempts=1,
                 first_failure=failure,
+                interactive=job.interactive,
             )
             for index, (start, length) in enumerate(zip(starts, job.lengths.tolist(), strict=True))
         ]
@@ -706,7 +769,7 @@ class WorkerPool:
 
         with self._cond:
             self.reruns += 1
-            self._jobs.extendleft(reversed(rows))
+            (self._queries if job.interactive else self._jobs).extendleft(reversed(rows))
             self._cond.notify_all()
         for row in rows:
             row.future.add_done_callback(row_done)
