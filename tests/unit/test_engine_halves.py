@@ -15,7 +15,7 @@ from akidb_embed.errors import ModelNotAvailable
 from akidb_embed.modeling import loader
 from akidb_embed.modeling.engine import EmbedOptions, NetworkFacts
 from akidb_embed.modeling.loader import load_engine, load_front
-from akidb_embed.modeling.precision import Choice, ModelPrecision
+from akidb_embed.modeling.precision import Choice, CpuPrecision, ModelPrecision
 from akidb_embed.store.registry import bundled_minilm_dir
 from akidb_embed_client import EmbedClient
 from tests.conftest import ServerThread
@@ -114,7 +114,9 @@ def test_the_servers_precision_reaches_the_engine_workers(
         models=[q4.name],
         local_model_dirs=[q4],
         workers=1,
-        precision=ModelPrecision(dequantize=dequantize),
+        # fp32 linears: bf16 ones (where the CPU has them) hold every layer in bf16 whatever
+        # the dequantize policy says, which would hide it.
+        precision=ModelPrecision(cpu=CpuPrecision.FP32, dequantize=dequantize),
     )
     thread = ServerThread(config).start()
     try:
