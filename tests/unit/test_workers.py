@@ -297,6 +297,9 @@ def test_a_query_process_answers_while_the_bulk_process_is_stuck() -> None:
             # The stopped process holds one; a query process that took bulk work would
             # answer the others.
             stuck = [workers.submit("minilm", rows.ids, rows.lengths) for _ in range(3)]
+            # The bulk process holds one before the queries come (any free process takes
+            # a query first, the stopped one too).
+            wait_until(lambda: workers._slots[0].busy, timeout=10)
             query = pack([[101, 7592, 102]])
             for _ in range(3):
                 got = workers.submit("minilm", query.ids, query.lengths, interactive=True)
