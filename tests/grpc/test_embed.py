@@ -261,6 +261,56 @@ def test_stream_message_with_many_items_gets_one_response(server: ServerThread) 
     assert list(response.embeddings.token_counts) == list(unary.embeddings.token_counts)
 
 
+def test_a_burst_of_one_item_messages_gets_one_response_each(server: ServerThread) -> None:
+    """The server coalesces a backlog of small messages into one engine group; each message
+    still gets its own response with its own ids, errors indexed within it, and the space
+    whenever it changes."""
+    texts = [f"burst text number {i}" for i in range(240)]
+    raw = pb.EmbedOptions(normalize=False)
+    requests = []
+    for i, text in enumerate(texts):
+        if i % 17 == 5:
+            text = ""
+        fields: dict[str, object] = {}
+        if i == 120:
+            fields["options"] = raw
+        if i == 180:
+            fields["options"] = pb.EmbedOptions()
+        requests.append(item(f"b{i}", text, **fields))
+    requests.insert(60, pb.EmbedStreamRequest(ids=["two-a", "two-b"], texts=["", "pair text"]))
+    with grpc.insecure_channel(f"unix:{server.target}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        responses = list(stub.EmbedStream(iter(requests), timeout=60))
+        good = [t for i, t in enumerate(texts) if i % 17 != 5]
+        unit = stub.Embed(pb.EmbedRequest(texts=good), timeout=60)
+        pooled = stub.Embed(pb.EmbedRequest(texts=good, options=raw), timeout=60)
+    assert [list(r.ids) for r in responses] == [list(r.ids) for r in requests]
+    pair = responses.pop(60)
+    assert [e.index for e in pair.errors] == [0]
+    assert np.frombuffer(pair.embeddings.vectors, "<f4").shape == (384,)
+    expected_unit = np.frombuffer(unit.embeddings.vectors, "<f4").reshape(-1, 384)
+    expected_raw = np.frombuffer(pooled.embeddings.vectors, "<f4").reshape(-1, 384)
+    row = 0
+    spaces = []
+    for i, response in enumerate(responses):
+        if response.HasField("space"):
+            spaces.append((i, response.space.normalized))
+        if i % 17 == 5:
+            assert [(e.index, e.code) for e in response.errors] == [
+                (0, grpc.StatusCode.INVALID_ARGUMENT.value[0])
+            ]
+            assert not response.embeddings.vectors
+            continue
+        assert not response.errors
+        vector = np.frombuffer(response.embeddings.vectors, "<f4")
+        expected = expected_raw if 120 <= i < 180 else expected_unit
+        np.testing.assert_allclose(vector, expected[row], atol=1e-5)
+        assert list(response.embeddings.token_counts) == [unit.embeddings.token_counts[row]]
+        row += 1
+    assert row == len(good)
+    assert spaces == [(0, True), (120, False), (180, True)]
+
+
 def test_stream_message_with_mismatched_ids_fails_the_stream(server: ServerThread) -> None:
     request = pb.EmbedStreamRequest(ids=["a", "b"], texts=["only one"])
     with grpc.insecure_channel(f"unix:{server.target}") as channel:

@@ -21,6 +21,7 @@ from ..modeling.models.base import Pooling
 from ..modeling.tokenization import Truncation
 from ..observability.metrics import Metrics
 from ..service.service import EmbeddingService, GroupResult, ModelState
+from ..service.streams import StreamGroups
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -249,10 +250,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
         window = _StreamWindow(self.stream_window)
-        # One entry per request message, in order: its ids, its work, its window share.
-        pending: asyncio.Queue[tuple[list[str], asyncio.Task[GroupResult], int] | None]
+        groups = StreamGroups(self.service)
+        # One entry per request message, in order: its ids, its result, its window share.
+        pending: asyncio.Queue[tuple[list[str], asyncio.Future[GroupResult], int] | None]
         pending = asyncio.Queue()
-        outstanding: set[asyncio.Task[GroupResult]] = set()
         broken: list[EmbedError] = []
 
         async def read() -> None:
@@ -278,26 +279,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         return
                     # Every message gets one response, an empty one too.
                     share = await window.acquire(len(ids)) if ids else 0
-                    task = asyncio.ensure_future(self.service.embed_group(model, texts, options))
-                    outstanding.add(task)
-                    task.add_done_callback(outstanding.discard)
-                    await pending.put((ids, task, share))
+                    await pending.put((ids, groups.add(model, texts, options), share))
             finally:
+                groups.flush()
                 await pending.put(None)
 
         reader = asyncio.create_task(read())
 
         def cancel_all(_: object) -> None:
             reader.cancel()
-            for task in outstanding:
-                task.cancel()
+            groups.cancel()
 
         context.add_done_callback(cancel_all)
         last_space = ""
         try:
             while (entry := await pending.get()) is not None:
-                ids, task, share = entry
-                result = await task
+                ids, result_of, share = entry
+                result = await result_of
                 if share:
                     await window.release(share)
                 response = self._encode_group(ids, result, last_space)

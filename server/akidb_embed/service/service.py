@@ -105,6 +105,51 @@ class GroupResult:
     # Truncation.CHUNK: `chunks.counts` has one entry per text without an error.
     chunks: Chunks | None = None
 
+    @staticmethod
+    def empty() -> GroupResult:
+        return GroupResult(0, None, _EMPTY, [], [], [])
+
+    def split(self, sizes: Sequence[int]) -> list[GroupResult]:
+        """The results of consecutive parts of this group, `sizes` texts each (they sum to
+        `size`): views of the same buffers, errors indexed within their part."""
+        if len(sizes) == 1:
+            return [self]
+        ok_counts = self.chunks.counts if self.chunks is not None else None
+        parts: list[GroupResult] = []
+        start = texts_done = rows_done = next_error = 0
+        for size in sizes:
+            stop = start + size
+            errors = []
+            while next_error < len(self.errors) and self.errors[next_error][0] < stop:
+                index, error = self.errors[next_error]
+                errors.append((index - start, error))
+                next_error += 1
+            ok = size - len(errors)
+            chunks = None
+            if ok_counts is not None and self.chunks is not None:
+                counts = ok_counts[texts_done : texts_done + ok]
+                rows = slice(rows_done, rows_done + int(counts.sum()))
+                chunks = self.chunks.select_rows(np.arange(len(self.chunks))[rows], counts)
+            else:
+                rows = slice(rows_done, rows_done + ok)
+            parts.append(
+                GroupResult(
+                    size=size,
+                    space=self.space,
+                    vectors=self.vectors[rows],
+                    token_counts=self.token_counts[rows],
+                    truncated=self.truncated[rows],
+                    errors=errors,
+                    chunks=chunks,
+                )
+            )
+            texts_done += ok
+            rows_done = rows.stop
+            start = stop
+        if start != self.size:
+            raise ValueError(f"parts of {start} texts for a group of {self.size}")
+        return parts
+
 
 @dataclass(frozen=True)
 class ModelStatus:
@@ -539,7 +584,7 @@ class EmbeddingService:
         limit here: the stream's window bounds it."""
         size = len(texts)
         if not size:
-            return GroupResult(0, None, _EMPTY, [], [], [])
+            return GroupResult.empty()
         try:
             self._check_accepting()
             if isinstance(options, EmbedError):
