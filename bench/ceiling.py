@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ class Ceiling:
     stream_coalesced_items_per_second: float
     stream_one_item_per_message_items_per_second: float
     embed_256_items_per_second: float
+    # The same calls, 4 in flight at once (as several query paths of a database would send).
+    embed_256_4_in_flight_items_per_second: float
     items: int
 
 
@@ -76,6 +79,15 @@ def _embed(client: EmbedClient, texts: Sequence[str], batch: int) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
+def _embed_in_flight(client: EmbedClient, texts: Sequence[str], batch: int, calls: int) -> float:
+    chunks = [texts[start : start + batch] for start in range(0, len(texts), batch)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(calls) as pool:
+        answered = sum(len(r.vectors) for r in pool.map(client.embed, chunks))
+    assert answered == len(texts)
+    return len(texts) / (time.perf_counter() - started)
+
+
 def measure(target: str, texts: Sequence[str], one_per_message: int) -> Ceiling:
     """Best of two runs each; the 1-item-per-message run uses the first `one_per_message`."""
     with EmbedClient(target, timeout=600) as client:
@@ -83,4 +95,5 @@ def measure(target: str, texts: Sequence[str], one_per_message: int) -> Ceiling:
         coalesced = max(_stream(client, texts, 256) for _ in range(2))
         single = max(_stream(client, texts[:one_per_message], 1) for _ in range(2))
         unary = max(_embed(client, texts, 256) for _ in range(2))
-    return Ceiling(coalesced, single, unary, len(texts))
+        in_flight = max(_embed_in_flight(client, texts, 256, 4) for _ in range(2))
+    return Ceiling(coalesced, single, unary, in_flight, len(texts))

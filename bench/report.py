@@ -68,6 +68,8 @@ def table(r: dict[str, Any]) -> str:
             f"{ce['stream_one_item_per_message_items_per_second']:9.0f}"
             f"   (plain grpc.aio: {ce['echo_one_item_per_message_items_per_second']:.0f})",
             f"  Embed, 256 texts per call              {ce['embed_256_items_per_second']:9.0f}",
+            "  Embed, 256 texts per call, 4 in flight "
+            f"{ce['embed_256_4_in_flight_items_per_second']:9.0f}",
         ]
     if "sidecar_tax" in r:
         lines.append(

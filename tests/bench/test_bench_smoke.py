@@ -56,6 +56,7 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
         "stream_coalesced_items_per_second",
         "stream_one_item_per_message_items_per_second",
         "embed_256_items_per_second",
+        "embed_256_4_in_flight_items_per_second",
         "echo_one_item_per_message_items_per_second",
     ):
         assert ceiling[key] > 0, key
