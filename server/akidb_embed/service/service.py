@@ -114,7 +114,6 @@ class GroupResult:
         `size`): views of the same buffers, errors indexed within their part."""
         if len(sizes) == 1:
             return [self]
-        ok_counts = self.chunks.counts if self.chunks is not None else None
         parts: list[GroupResult] = []
         start = texts_done = rows_done = next_error = 0
         for size in sizes:
@@ -126,8 +125,8 @@ class GroupResult:
                 next_error += 1
             ok = size - len(errors)
             chunks = None
-            if ok_counts is not None and self.chunks is not None:
-                counts = ok_counts[texts_done : texts_done + ok]
+            if self.chunks is not None:
+                counts = self.chunks.counts[texts_done : texts_done + ok]
                 rows = slice(rows_done, rows_done + int(counts.sum()))
                 chunks = self.chunks.select_rows(np.arange(len(self.chunks))[rows], counts)
             else:
