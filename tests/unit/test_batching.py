@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -10,6 +12,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
+from akidb_embed.errors import Unavailable
 from akidb_embed.modeling.tokenization import pack
 from akidb_embed.runtime.batching import GroupOutput, Scheduler, plan_batches
 
@@ -255,3 +258,57 @@ def test_bulk_batches_shrink_to_the_time_budget_while_queries_arrive() -> None:
     assert max(alone) == 64  # no queries: the whole token budget
     # Queries about: 8 ms at 5,000 tokens/s is 40 tokens, raised to the 64-token floor.
     assert max(with_queries) == 64 // 8
+
+
+def test_a_scheduler_left_running_is_stopped_at_exit_dropping_its_queue() -> None:
+    scheduler = Scheduler(max_batch_tokens=64, max_batch_size=4)
+    scheduler.start()
+    model = RecordingModel()
+    model.gate.clear()
+    running = scheduler.submit(model, [1, 2])
+    assert model.entered.wait(10)
+    queued = scheduler.submit(model, [3, 4])
+    job = scheduler.call(lambda: 1)
+    stopper = threading.Thread(target=scheduler._stop_at_exit)
+    stopper.start()
+    time.sleep(0.1)
+    model.gate.set()  # the batch in progress finishes; nothing after it starts
+    stopper.join(10)
+    assert not scheduler._thread.is_alive()
+    assert vector(running).tolist() == [1.0, 2.0]
+    with pytest.raises(Unavailable, match="exiting"):
+        vector(queued)
+    with pytest.raises(Unavailable):
+        job.result(1)
+    assert model.batches == [[1]]
+
+
+# Computes on the scheduler thread, then exits without stopping it: the thread is still
+# in MLX (or wakes in it) while the interpreter finalizes.
+LEFT_RUNNING = """
+import time
+import mlx.core as mx
+from akidb_embed.runtime.batching import Scheduler
+
+def busy():
+    a = mx.ones((192, 192)) / 192
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        a = a @ a
+        mx.eval(a)
+
+scheduler = Scheduler()
+scheduler.start()
+scheduler.call(busy).result()
+scheduler.call(busy)
+time.sleep(0.05)
+"""
+
+
+def test_a_process_that_never_stopped_its_scheduler_exits_cleanly() -> None:
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", LEFT_RUNNING], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr

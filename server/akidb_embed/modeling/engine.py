@@ -29,6 +29,15 @@ from .models.base import EncoderModel, Pooling, pool
 from .tokenization import TextTokenizer, TokenBatch, TokenizedText, Truncation, pack
 
 
+def release_thread_streams() -> None:
+    """Free the MLX streams the calling thread made; a thread that computed calls it as it ends.
+
+    MLX keeps streams per thread and does not free them by itself: a thread that still owns
+    one while the interpreter finalizes aborts the process ("terminate called without an
+    active exception")."""
+    mx.clear_streams()
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """Facts about a model, read from its own files."""

@@ -23,6 +23,7 @@ soon as one is free.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
+from ..errors import Unavailable
+from ..modeling.engine import release_thread_streams
 from .workers import RowFailures
 
 if TYPE_CHECKING:
@@ -237,16 +240,29 @@ class Scheduler:
         # Per model: measured padded tokens per second of compute (for the time budget).
         self._speed: dict[str, float] = {}
         self._stopping = False
+        self._exiting = False
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        # A daemon thread that has computed and is still alive when the interpreter
+        # finalizes aborts the process (MLX's streams): a scheduler nobody stopped is
+        # stopped at exit, dropping what it still had queued.
+        atexit.register(self._stop_at_exit)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish everything queued, then end the thread."""
+        atexit.unregister(self._stop_at_exit)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _stop_at_exit(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = self._exiting = True
+            self._cond.notify_all()
+        # Waits for the batch in progress, if any.
         self._thread.join(timeout)
 
     def _wake(self) -> None:
@@ -459,9 +475,18 @@ class Scheduler:
         return pool is not None and self._in_flight_bulk >= max(1, pool.bulk_capacity)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            release_thread_streams()
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while True:
+                    if self._exiting:
+                        self._drop_queued(Unavailable("the server process is exiting"))
+                        return
                     if self._jobs:
                         break
                     if not self._has_items():
@@ -489,6 +514,21 @@ class Scheduler:
                 self._run_job(*job)
             elif batch is not None:
                 self._run_batch(batch)
+
+    def _drop_queued(self, exc: BaseException) -> None:
+        """(lock held) Fail every queued group and job: nothing will compute them."""
+        groups = [g for lane in self._lanes for queue in lane.values() for g in queue]
+        groups += [g for batch in self._ready for g, _ in batch]
+        futures: list[Future[Any]] = [g.future for g in groups]
+        futures += [future for _, future in self._jobs]
+        for lane in self._lanes:
+            lane.clear()
+        self._ready.clear()
+        self._jobs.clear()
+        self._queued_tokens = self._queued_rows = 0
+        for future in futures:
+            with contextlib.suppress(InvalidStateError):
+                future.set_exception(exc)
 
     def _start(self, rows: list[tuple[Group, int]]) -> Batch | None:
         """(lock held) The batch of `rows` still wanted: callers that gave up leave it."""

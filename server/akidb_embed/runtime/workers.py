@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EmbedError, ErrorKind, ModelLoadError, ModelNotAvailable, Unavailable
-from ..modeling.engine import NetworkFacts
+from ..modeling.engine import NetworkFacts, release_thread_streams
 from ..modeling.precision import ModelPrecision
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,14 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
 
     fault_token = os.environ.get(FAULT_TOKEN_ENV)
     poison = int(fault_token) if fault_token else None
+    try:
+        _serve_requests(conn, poison, load_engine)
+    finally:
+        release_thread_streams()
+
+
+def _serve_requests(conn: Connection, poison: int | None, load_engine: Callable[..., Any]) -> None:
+    # The engines are this function's own: they are freed before the streams they used.
     engines: dict[str, Any] = {}
     while True:
         try:
