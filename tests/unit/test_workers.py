@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,18 +12,13 @@ from akidb_embed.errors import ModelLoadError, ModelNotAvailable, Unavailable
 from akidb_embed.modeling.engine import EmbedOptions
 from akidb_embed.modeling.loader import load_engine
 from akidb_embed.modeling.tokenization import pack
-from akidb_embed.runtime import workers as workers_module
 from akidb_embed.runtime.workers import (
     FAULT_TOKEN_ENV,
     ModelSpec,
-    Op,
-    Reply,
-    Request,
     RowFailures,
     Watchdog,
     WorkerCrashed,
     WorkerPool,
-    batch_threads,
     cgroup_cpu_limit,
     default_batch_tokens,
     default_workers,
@@ -329,52 +322,3 @@ def test_the_query_process_is_kept_only_where_it_fits() -> None:
     assert default_query_workers(True, 1, memory_budget=2048 * mib) == 0  # one GPU
     big = 4 * 1024 * mib  # a model whose copies fill the budget
     assert default_query_workers(False, 2, memory_budget=9 * 1024 * mib, model_bytes=big) == 0
-
-
-def test_a_query_alone_computes_on_every_core_and_nothing_else_does() -> None:
-    assert batch_threads(True, alone=True, query_threads=2, blas_threads=1) == 2
-    assert batch_threads(True, alone=False, query_threads=2, blas_threads=1) == 1
-    assert batch_threads(False, alone=True, query_threads=2, blas_threads=1) == 1
-
-
-class ScriptedConnection:
-    """A worker's pipe: hands it `requests`, keeps what it sends back."""
-
-    def __init__(self, requests: list[Request]) -> None:
-        self.requests = deque(requests)
-        self.sent: list[Reply] = []
-
-    def recv(self) -> Request:
-        if not self.requests:
-            raise EOFError
-        return self.requests.popleft()
-
-    def send(self, reply: Reply) -> None:
-        self.sent.append(reply)
-
-
-class RowsEngine:
-    def forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        return np.ones((len(lengths), 2), np.float32)
-
-
-def test_a_worker_sets_its_matmul_threads_only_when_a_batch_asks_for_other_ones(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    applied: list[int] = []
-    monkeypatch.setattr(workers_module, "_set_compute_threads", applied.append)
-    spec = ModelSpec("m", Path("/nowhere"), "m", "test")
-    batch = pack([[101, 7, 102]])
-
-    def forward(threads: int) -> Request:
-        return Request(Op.FORWARD, model="m", ids=batch.ids, lengths=batch.lengths, threads=threads)
-
-    conn = ScriptedConnection(
-        [Request(Op.LOAD, model="m", spec=spec)] + [forward(t) for t in (1, 2, 2, 1, 0, 1)]
-    )
-    engine = mock.Mock(facts=None)
-    engine.forward_packed = RowsEngine().forward_packed
-    workers_module._serve_requests(conn, None, lambda *_, **__: engine, 1)  # type: ignore[arg-type]
-    assert applied == [2, 1]  # 0: as they are
-    assert [r.error for r in conn.sent] == [None] * 7
-    assert all(r.vectors is not None for r in conn.sent[1:])

@@ -109,12 +109,6 @@ def set_threads(threads: int) -> None:
         ext.set_threads(int(threads))
 
 
-def set_threads_if_loaded(threads: int) -> None:
-    """`set_threads` where a model already uses the extension (no load for an fp32 one)."""
-    if _module is not None:
-        _module.set_threads(int(threads))
-
-
 def float_weight(layer: nn.Module) -> mx.array:
     """A Linear or QuantizedLinear layer's weight as float32 (out, in)."""
     if isinstance(layer, nn.QuantizedLinear):

@@ -108,7 +108,6 @@ class Request:
     spec: ModelSpec | None = None
     ids: np.ndarray | None = None  # FORWARD: int32, back to back
     lengths: np.ndarray | None = None  # FORWARD: int32, one per text
-    threads: int = 0  # FORWARD: matmul threads for this batch (0: as they are)
 
 
 @dataclass(frozen=True)
@@ -180,8 +179,12 @@ def workers_for_memory(budget_bytes: int, model_bytes: int = DEFAULT_MODEL_BYTES
     return max(0, int(usable // (WORKER_BASE_BYTES + model_bytes)))
 
 
-def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by a container's quota."""
+def default_processes(
+    memory_budget: int | None = None, model_bytes: int = DEFAULT_MODEL_BYTES
+) -> int:
+    """One per core this process may use (its CPU affinity, capped by a container's quota),
+    and no more than fit in memory: `memory_budget` bytes, else the container's memory limit
+    (cgroup memory.max), else the machine's RAM."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -189,16 +192,6 @@ def usable_cores() -> int:
     limit = cgroup_cpu_limit()
     if limit is not None:
         cores = min(cores, max(1, math.ceil(limit)))
-    return max(1, cores)
-
-
-def default_processes(
-    memory_budget: int | None = None, model_bytes: int = DEFAULT_MODEL_BYTES
-) -> int:
-    """One per core this process may use (`usable_cores`), and no more than fit in memory:
-    `memory_budget` bytes, else the container's memory limit (cgroup memory.max), else the
-    machine's RAM."""
-    cores = usable_cores()
     budget = memory_budget if memory_budget is not None else memory_limit()
     if budget is not None:
         cores = min(cores, max(1, workers_for_memory(budget, model_bytes)))
@@ -257,13 +250,6 @@ class Watchdog:
         return max(self.min_seconds, self.factor * padded_tokens / tokens_per_second)
 
 
-def batch_threads(interactive: bool, alone: bool, query_threads: int, blas_threads: int) -> int:
-    """A query alone on the machine (no other batch running or queued) gets every core;
-    anything else one process's share, so processes computing at once never oversubscribe
-    the cores."""
-    return query_threads if interactive and alone else blas_threads
-
-
 # --- The child process -------------------------------------------------------------------
 
 
@@ -282,14 +268,12 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
     fault_token = os.environ.get(FAULT_TOKEN_ENV)
     poison = int(fault_token) if fault_token else None
     try:
-        _serve_requests(conn, poison, load_engine, blas_threads)
+        _serve_requests(conn, poison, load_engine)
     finally:
         release_thread_streams()
 
 
-def _serve_requests(
-    conn: Connection, poison: int | None, load_engine: Callable[..., Any], threads: int
-) -> None:
+def _serve_requests(conn: Connection, poison: int | None, load_engine: Callable[..., Any]) -> None:
     # The engines are this function's own: they are freed before the streams they used.
     engines: dict[str, Any] = {}
     while True:
@@ -308,9 +292,6 @@ def _serve_requests(
                 assert request.ids is not None and request.lengths is not None
                 if poison is not None and (request.ids == poison).any():
                     os._exit(70)
-                if request.threads and request.threads != threads:
-                    threads = request.threads
-                    _set_compute_threads(threads)
                 reply = Reply(vectors=engine.forward_packed(request.ids, request.lengths))
             elif request.op is Op.LOAD:
                 spec = request.spec
@@ -335,14 +316,6 @@ def _serve_requests(
             conn.send(reply)
         except BaseException as exc:  # report, keep serving
             conn.send(Reply(error=_portable(exc)))
-
-
-def _set_compute_threads(threads: int) -> None:
-    from ..host import blas
-    from ..modeling import cpu_bf16
-
-    blas.set_openblas_threads(threads)
-    cpu_bf16.set_threads_if_loaded(threads)
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -427,7 +400,6 @@ class WorkerPool:
         blas_threads: int = 1,
         watchdog: Watchdog | None = None,
         query_processes: int = 0,
-        query_threads: int | None = None,
     ) -> None:
         count = processes if processes is not None else default_processes()
         if count < 1:
@@ -435,10 +407,6 @@ class WorkerPool:
         if query_processes < 0:
             raise ValueError(f"query_processes={query_processes}: must be 0 or more")
         self.blas_threads = blas_threads
-        # A query that finds every other process idle computes on the cores they would use:
-        # a short forward is faster on two cores than on one (11.5 -> 8.5 ms for MiniLM).
-        total = (count + query_processes) * blas_threads
-        self.query_threads = query_threads or max(blas_threads, min(usable_cores(), total))
         self.watchdog = watchdog or Watchdog()
         self._context = multiprocessing.get_context("spawn")  # never fork a process with MLX
         self._cond = threading.Condition()
@@ -727,20 +695,13 @@ class WorkerPool:
                 job = self._queries.popleft() if self._queries else self._jobs.popleft()
                 if job.future.cancelled():
                     continue
-                threads = self._threads_for(job, slot)
                 slot.busy = True
                 limit = self.watchdog.limit(job.padded_tokens, self._speed.get(job.model))
             started = time.monotonic()
             try:
                 reply = self._call(
                     slot,
-                    Request(
-                        Op.FORWARD,
-                        model=job.model,
-                        ids=job.ids,
-                        lengths=job.lengths,
-                        threads=threads,
-                    ),
+                    Request(Op.FORWARD, model=job.model, ids=job.ids, lengths=job.lengths),
                     limit,
                 )
             except _ProcessDied as died:
@@ -758,17 +719,6 @@ class WorkerPool:
                 previous = self._speed.get(job.model)
                 self._speed[job.model] = speed if previous is None else 0.8 * previous + 0.2 * speed
             job.future.set_result(reply.vectors)  # type: ignore[arg-type]
-
-    def _threads_for(self, job: _Job, slot: _Slot) -> int:
-        """(lock held) The matmul threads of `job`, about to start on `slot`."""
-        return batch_threads(
-            job.interactive,
-            alone=not self._jobs
-            and not self._queries
-            and not any(s.busy for s in self._slots if s is not slot),
-            query_threads=self.query_threads,
-            blas_threads=self.blas_threads,
-        )
 
     def _requeue_or_fail(self, job: _Job, slot: _Slot, how: str) -> None:
         """A process died computing `job`. The first time, its texts run again one by one,
