@@ -269,7 +269,7 @@ def test_a_scheduler_left_running_is_stopped_at_exit_dropping_its_queue() -> Non
     assert model.entered.wait(10)
     queued = scheduler.submit(model, [3, 4])
     job = scheduler.call(lambda: 1)
-    stopper = threading.Thread(target=scheduler._stop_at_exit)
+    stopper = threading.Thread(target=scheduler.stop, kwargs={"drop_queued": True})
     stopper.start()
     time.sleep(0.1)
     model.gate.set()  # the batch in progress finishes; nothing after it starts

@@ -248,21 +248,16 @@ class Scheduler:
         # A daemon thread that has computed and is still alive when the interpreter
         # finalizes aborts the process (MLX's streams): a scheduler nobody stopped is
         # stopped at exit, dropping what it still had queued.
-        atexit.register(self._stop_at_exit)
+        atexit.register(self.stop, 30.0, drop_queued=True)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish everything queued, then end the thread."""
-        atexit.unregister(self._stop_at_exit)
+    def stop(self, timeout: float | None = None, drop_queued: bool = False) -> None:
+        """Finish everything queued (or, `drop_queued`, only the batch in progress: the rest
+        fails with UNAVAILABLE), then end the thread."""
+        atexit.unregister(self.stop)
         with self._cond:
             self._stopping = True
+            self._exiting = self._exiting or drop_queued
             self._cond.notify_all()
-        self._thread.join(timeout)
-
-    def _stop_at_exit(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = self._exiting = True
-            self._cond.notify_all()
-        # Waits for the batch in progress, if any.
         self._thread.join(timeout)
 
     def _wake(self) -> None:

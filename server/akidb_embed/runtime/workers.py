@@ -262,18 +262,17 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     blas.set_openblas_threads(blas_threads)
-
-    from ..modeling.loader import load_engine
-
-    fault_token = os.environ.get(FAULT_TOKEN_ENV)
-    poison = int(fault_token) if fault_token else None
     try:
-        _serve_requests(conn, poison, load_engine)
+        _serve_requests(conn)
     finally:
         release_thread_streams()
 
 
-def _serve_requests(conn: Connection, poison: int | None, load_engine: Callable[..., Any]) -> None:
+def _serve_requests(conn: Connection) -> None:
+    from ..modeling.loader import load_engine
+
+    fault_token = os.environ.get(FAULT_TOKEN_ENV)
+    poison = int(fault_token) if fault_token else None
     # The engines are this function's own: they are freed before the streams they used.
     engines: dict[str, Any] = {}
     while True:
