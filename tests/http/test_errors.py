@@ -148,10 +148,10 @@ def test_api_key_is_required_except_for_health(strict_server: ServerThread) -> N
 
 def test_full_queue_is_429_with_retry_after(strict_server: ServerThread) -> None:
     """A gRPC batch fills the queue past the server's 500-token limit; HTTP is refused.
-    (Batches of 8 texts: the worker plans 8 batches ahead, and planned texts leave the queue.)"""
+    (Texts planned into batches that have not started count as queued.)"""
     assert strict_server.server is not None
     worker = strict_server.server.scheduler
-    # 100 texts of ~30 tokens: 64 are planned at once, the rest wait in the queue.
+    # 100 texts of ~30 tokens: they wait, queued or planned, for the batch in progress.
     texts = [f"{i} " + "a text about embeddings " * 6 for i in range(100)]
     done = threading.Event()
 

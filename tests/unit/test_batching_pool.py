@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -32,7 +34,10 @@ class Model:
 
 
 class FakePool:
-    """`processes` threads; records batches and the most run at once; can hold them."""
+    """`processes` threads that take batches as the real pool's processes do: a query first,
+    bulk work on a query process only while no bulk process is ready, a batch that nobody
+    wants any more skipped. Records each batch as a process starts it, and the most running
+    at once; `gate` can hold them."""
 
     def __init__(self, processes: int = 2, query_processes: int = 0) -> None:
         self.processes = processes + query_processes
@@ -40,35 +45,68 @@ class FakePool:
         self.bulk_capacity = processes
         self.interactive: list[bool] = []
         self.batches: list[list[int]] = []
+        self.submitted = 0
         self.running = 0
         self.most_running = 0
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = ThreadPoolExecutor(8)
+        self._cond = threading.Condition()
+        self._queries: deque[tuple[list[list[int]], Future[np.ndarray], object]] = deque()
+        self._bulk: deque[tuple[list[list[int]], Future[np.ndarray], object]] = deque()
+        for index in range(self.processes):
+            threading.Thread(target=self._process, args=(index >= processes,), daemon=True).start()
 
     def on_capacity_change(self, listener: object) -> None:
         pass
 
     def submit(
-        self, model: str, ids: np.ndarray, lengths: np.ndarray, interactive: bool = False
+        self,
+        model: str,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        interactive: bool = False,
+        wanted: object = None,
     ) -> Future[np.ndarray]:
-        batch = unpack(ids, lengths)
-        with self._lock:
-            self.interactive.append(interactive)
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-            self.batches.append([ids[0] for ids in batch])
-        self.started.set()
+        future: Future[np.ndarray] = Future()
+        with self._cond:
+            self.submitted += 1
+            lane = self._queries if interactive else self._bulk
+            lane.append((unpack(ids, lengths), future, wanted))
+            self._cond.notify_all()
+        return future
 
-        def run() -> np.ndarray:
+    def _process(self, for_queries: bool) -> None:
+        while True:
+            with self._cond:
+                while not self._queries and (for_queries or not self._bulk):
+                    self._cond.wait()
+                interactive = bool(self._queries)
+                batch, future, wanted = (self._queries or self._bulk).popleft()
+                if callable(wanted) and not wanted():
+                    skip = True
+                else:
+                    skip = False
+                    self.interactive.append(interactive)
+                    self.batches.append([ids[0] for ids in batch])
+                    self.running += 1
+                    self.most_running = max(self.most_running, self.running)
+            if skip:
+                future.cancel()
+                continue
+            self.started.set()
             self.gate.wait(10)
-            with self._lock:
+            time.sleep(0.002)  # a forward takes time: another process takes the next batch
+            with self._cond:
                 self.running -= 1
-            return np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32)
+            future.set_result(np.array([[ids[0], len(ids)] for ids in batch], dtype=np.float32))
 
-        return self._threads.submit(run)
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
 
 
 def worker(pool: FakePool, tokens: int = 64) -> Scheduler:
@@ -94,17 +132,40 @@ def test_bulk_windows_sort_by_length_across_batches() -> None:
     pool = FakePool(processes=1)
     pool.gate.clear()
     compute = worker(pool, tokens=64)
-    blocker = compute.submit(Model(), [999])  # holds the only process
+    # One holds the only process, one waits in the pool: the texts then queue here.
+    blockers = [compute.submit(Model(), [999])]
     assert pool.started.wait(10)
+    blockers.append(compute.submit(Model(), [998, 7, 7]))
+    wait_for(lambda: pool.submitted == 2)
     lengths = [2, 30, 3, 31, 2, 29, 3, 30]
     futures = [compute.submit(Model(), [i, *([7] * (n - 1))]) for i, n in enumerate(lengths)]
     pool.gate.set()
-    for future in [blocker, *futures]:
+    for future in [*blockers, *futures]:
         vector(future)
     compute.stop(10)
     # Long texts share batches, short ones share others: nothing short padded to 30.
-    for batch in pool.batches[1:]:
+    assert [b[0] for b in pool.batches[:2]] == [999, 998]
+    for batch in pool.batches[2:]:
         assert len({lengths[i] >= 29 for i in batch}) == 1, pool.batches
+
+
+def test_the_next_bulk_batch_waits_in_the_pool_not_here() -> None:
+    """A process that finishes a batch finds the next one waiting in the pool; one, no more,
+    so what stays here can still be sorted and a query still goes first."""
+    pool = FakePool(processes=1)
+    pool.gate.clear()
+    compute = worker(pool, tokens=16)
+    bulk = [compute.submit(Model(), [i, *([7] * 10)]) for i in range(6)]
+    wait_for(lambda: pool.submitted == 2)
+    time.sleep(0.1)  # room for a third to be handed over, if the scheduler allowed one
+    assert pool.submitted == 2 and pool.running == 1
+    # What waits here, queued or planned into batches, counts against the queue's limit.
+    assert compute.queued_tokens == 4 * 11 and compute.queued_items == 4
+    pool.gate.set()
+    for future in bulk:
+        vector(future)
+    compute.stop(10)
+    assert sorted(ids for batch in pool.batches for ids in batch) == list(range(6))
 
 
 def test_a_query_goes_before_planned_bulk_batches() -> None:
@@ -156,6 +217,7 @@ def test_a_caller_that_gives_up_while_planned_costs_no_compute() -> None:
     first = compute.submit(Model(), [1000])
     assert pool.started.wait(10)
     doomed = [compute.submit(Model(), [i, 7]) for i in range(5)]
+    wait_for(lambda: pool.submitted == 2)  # some of them wait in the pool, the rest here
     kept = compute.submit(Model(), [77, 7])
     for future in doomed:
         assert future.cancel()
@@ -177,13 +239,18 @@ def test_stop_finishes_what_is_queued() -> None:
 def test_a_failed_batch_fails_only_its_items() -> None:
     class FailingPool(FakePool):
         def submit(
-            self, model: str, ids: np.ndarray, lengths: np.ndarray, interactive: bool = False
+            self,
+            model: str,
+            ids: np.ndarray,
+            lengths: np.ndarray,
+            interactive: bool = False,
+            wanted: object = None,
         ) -> Future[np.ndarray]:
             if any(row[0] == 13 for row in unpack(ids, lengths)):
                 future: Future[np.ndarray] = Future()
                 future.set_exception(RuntimeError("worker said no"))
                 return future
-            return super().submit(model, ids, lengths, interactive)
+            return super().submit(model, ids, lengths, interactive, wanted)
 
     compute = Scheduler(max_batch_tokens=4, max_batch_size=1, pool=FailingPool())  # type: ignore[arg-type]
     compute.start()

@@ -276,6 +276,22 @@ def test_the_default_worker_count_fits_the_memory_budget(monkeypatch: pytest.Mon
 
 
 @needs_minilm
+def test_a_batch_nobody_wants_when_a_process_takes_it_is_skipped(pool: WorkerPool) -> None:
+    asked: list[bool] = []
+
+    def unwanted() -> bool:
+        asked.append(True)
+        return False
+
+    rows = pack([[101, 7592, 102]])
+    skipped = pool.submit("minilm", rows.ids, rows.lengths, wanted=unwanted)
+    kept = pool.submit("minilm", rows.ids, rows.lengths, wanted=lambda: True)
+    assert kept.result(60).shape == (1, 384)
+    wait_until(skipped.done, timeout=10)
+    assert skipped.cancelled() and asked == [True]
+
+
+@needs_minilm
 def test_a_query_process_answers_while_the_bulk_process_is_stuck() -> None:
     """One bulk process and one kept for queries. With the bulk process stopped mid-batch,
     queries still come back, from the query process, and bulk work waits for its own

@@ -353,6 +353,8 @@ class _Job:
     attempts: int = 0
     first_failure: str = ""
     interactive: bool = False
+    # Asked when a process takes the job: False (every caller gave up) skips it.
+    wanted: Callable[[], bool] | None = None
 
     @property
     def padded_tokens(self) -> int:
@@ -514,10 +516,16 @@ class WorkerPool:
             self._cond.notify_all()
 
     def submit(
-        self, model: str, ids: np.ndarray, lengths: np.ndarray, interactive: bool = False
+        self,
+        model: str,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        interactive: bool = False,
+        wanted: Callable[[], bool] | None = None,
     ) -> Future[np.ndarray]:
         """Pooled float32 vectors (B, dim) of a packed batch, from the first free process
-        (an interactive batch: ahead of bulk ones, and on a query process too)."""
+        (an interactive batch: ahead of bulk ones, and on a query process too). If `wanted`
+        says False when a process takes the batch, it is skipped and its future cancelled."""
         future: Future[np.ndarray] = Future()
         job = _Job(
             model,
@@ -525,6 +533,7 @@ class WorkerPool:
             np.asarray(lengths, np.int32),
             future,
             interactive=interactive,
+            wanted=wanted,
         )
         with self._cond:
             if self._closing:
@@ -694,8 +703,13 @@ class WorkerPool:
                 job = self._queries.popleft() if self._queries else self._jobs.popleft()
                 if job.future.cancelled():
                     continue
-                slot.busy = True
-                limit = self.watchdog.limit(job.padded_tokens, self._speed.get(job.model))
+                unwanted = job.wanted is not None and not job.wanted()
+                if not unwanted:
+                    slot.busy = True
+                    limit = self.watchdog.limit(job.padded_tokens, self._speed.get(job.model))
+            if unwanted:
+                job.future.cancel()  # outside the lock: its callbacks take the caller's locks
+                continue
             started = time.monotonic()
             try:
                 reply = self._call(
