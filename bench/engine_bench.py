@@ -102,6 +102,29 @@ def query_latency(engine: EmbeddingEngine, queries: Sequence[str]) -> QueryLaten
     return QueryLatency(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(ms))
 
 
+def pool_query_latency(
+    spec: ModelSpec, engine: EmbeddingEngine, queries: Sequence[str], processes: int
+) -> QueryLatency:
+    """One query at a time, tokenised here and computed in an engine worker process (no
+    gRPC): what the hop to a worker process adds to a query, beside `query_latency`."""
+    from akidb_embed.modeling.engine import EmbedOptions
+
+    options = EmbedOptions()
+    packed = [_packed(engine, query, options) for query in queries]
+    with WorkerPool(processes) as pool:
+        pool.load(spec)
+        for ids, lengths in packed[:20]:
+            pool.submit(spec.name, ids, lengths, interactive=True).result()
+        times = []
+        for query in queries:
+            started = time.perf_counter()
+            ids, lengths = _packed(engine, query, options)
+            pool.submit(spec.name, ids, lengths, interactive=True).result()
+            times.append(time.perf_counter() - started)
+    ms = np.array(times) * 1e3
+    return QueryLatency(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(ms))
+
+
 def _packed(engine: EmbeddingEngine, text: str, options: object) -> tuple[np.ndarray, np.ndarray]:
     tokens = engine.tokenize_batch([text], options)  # type: ignore[arg-type]
     return tokens.ids, tokens.lengths

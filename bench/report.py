@@ -83,6 +83,15 @@ def table(r: dict[str, Any]) -> str:
         f"query latency (1 text, Embed): idle p50 {li['p50_ms']:.1f} ms, p99 {li['p99_ms']:.1f} ms"
         + (f"; engine forward alone p50 {eq['p50_ms']:.1f} ms" if eq else ""),
         *(
+            [
+                "  the path's parts, p50: the same query in an engine worker process (no gRPC) "
+                f"{r['engine_workers_query']['p50_ms']:.1f} ms; a unary call that plain grpc.aio "
+                f"answers at once {r['echo_query']['p50_ms']:.2f} ms"
+            ]
+            if "engine_workers_query" in r and "echo_query" in r
+            else []
+        ),
+        *(
             f"  during a bulk stream, {what}: p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms; "
             f"bulk {x['bulk_tokens_per_second']:.0f} tokens/s, {x['bulk_vs_alone']:.2f} of the "
             f"same stream just before ({x['bulk_alone_tokens_per_second']:.0f})"

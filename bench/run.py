@@ -179,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["engine_workers"]["processes"] = workers
         queries = [" ".join(p.split()[:12]) for p in passages[: args.queries]]
         results["engine_query"] = asdict(engine_bench.query_latency(engine, queries))
+        if workers > 0:
+            log.step("query latency in a worker process (no gRPC)")
+            results["engine_workers_query"] = asdict(
+                engine_bench.pool_query_latency(spec, engine, queries, workers)
+            )
         del engine
 
         log.step("the server: akidb-embed serve --socket")
@@ -274,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ceiling.measure(str(workdir / "ceiling.sock"), short, one_per_message)
             )
         log.step("transport ceiling: plain grpc.aio answering the same messages")
+        p50, p99 = echo.query_latency(workdir / "echo.sock", queries, env)
+        results["echo_query"] = {"p50_ms": p50, "p99_ms": p99, "count": len(queries)}
         results["ceiling"]["echo_one_item_per_message_items_per_second"] = echo.measure(
             workdir / "echo.sock", short[:one_per_message], 1, env
         )

@@ -61,7 +61,9 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
     ):
         assert ceiling[key] > 0, key
     assert "serving ceiling" in done.stdout
-    assert 0 < results["engine_query"]["p50_ms"] <= results["engine_query"]["p99_ms"]
+    for case in ("engine_query", "engine_workers_query", "echo_query"):
+        assert 0 < results[case]["p50_ms"] <= results[case]["p99_ms"], case
+    assert "in an engine worker process (no gRPC)" in done.stdout
     for case in ("latency_under_load", "latency_under_load_paced"):
         load = results[case]
         assert load["bulk_alone_tokens_per_second"] > 0 and load["bulk_tokens_per_second"] > 0

@@ -10,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import fast_math
 from .base import padding_mask
@@ -163,7 +164,9 @@ class Model(nn.Module):
     def encode(self, input_ids: mx.array, lengths: mx.array) -> mx.array:
         h = self.embeddings(input_ids)
         bias = None
-        if bool((lengths < input_ids.shape[1]).any()):
+        # Read on the host (the lengths come from numpy): a graph evaluation here would
+        # cost a round trip to the compute stream on every batch.
+        if int(np.asarray(lengths).min()) < input_ids.shape[1]:
             # (B, 1, 1, L) additive: every query attends to the real keys of its row.
             keep = padding_mask(lengths, input_ids.shape[1])[:, None, None, :]
             bias = mx.where(keep, 0.0, -mx.inf).astype(h.dtype)
