@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if interval:
                     log.step(f"query latency, {1 / interval:.0f} queries/s during a bulk stream")
                 load = served.query_latency_under_load(
-                    target, queries[:count], passages, interval, 1.0 if args.quick else 8.0
+                    server, queries[:count], passages, interval, 1.0 if args.quick else 8.0
                 )
                 results[key] = asdict(load.latency) | {
                     "queries_per_second": 1 / interval if interval else None,

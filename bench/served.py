@@ -4,10 +4,12 @@ client over the Unix socket."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +27,9 @@ class ServerProcess:
     def __init__(self, socket: Path, log: Path, args: Sequence[str], env: dict[str, str]) -> None:
         self.socket = socket
         self.log = log
+        self.metrics_port = _free_port()
         command = [sys.executable, "-m", "akidb_embed", "serve", "--socket", str(socket)]
+        command += ["--metrics-port", str(self.metrics_port)]
         with log.open("w") as out:
             self.process = subprocess.Popen(
                 [*command, "--log-level", "WARNING", *args],
@@ -49,6 +53,17 @@ class ServerProcess:
             time.sleep(0.2)
         raise RuntimeError(f"the server did not report SERVING in {timeout:.0f}s: see {self.log}")
 
+    def computed_tokens(self) -> float:
+        """Real tokens the server's batches have computed so far (its /metrics)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("akidb_embed_tokens_total{")
+        )
+
     def rss_bytes(self) -> int:
         """Resident memory of the server and its engine worker processes."""
         root = psutil.Process(self.process.pid)
@@ -67,6 +82,13 @@ class ServerProcess:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @dataclass(frozen=True)
@@ -125,8 +147,11 @@ class Latency:
     count: int
 
 
-def query_latency(target: str, queries: Sequence[str], interval: float = 0.0) -> Latency:
-    """Single-text Embed calls, one at a time: back to back, or one every `interval` s."""
+def query_latency(
+    target: str, queries: Sequence[str], interval: float = 0.0, tokens: list[int] | None = None
+) -> Latency:
+    """Single-text Embed calls, one at a time: back to back, or one every `interval` s.
+    Their token counts are appended to `tokens`, if given."""
     times = []
     with EmbedClient(target, timeout=60) as client:
         client.embed([queries[0]])
@@ -136,8 +161,10 @@ def query_latency(target: str, queries: Sequence[str], interval: float = 0.0) ->
                 next_at += interval
                 time.sleep(max(0.0, next_at - time.perf_counter()))
             started = time.perf_counter()
-            client.embed([query])
+            result = client.embed([query])
             times.append(time.perf_counter() - started)
+            if tokens is not None:
+                tokens.extend(result.token_counts)
     ms = np.array(times) * 1e3
     return Latency(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(ms))
 
@@ -146,7 +173,8 @@ def query_latency(target: str, queries: Sequence[str], interval: float = 0.0) ->
 class UnderLoad:
     latency: Latency
     # The bulk stream's rates just before the queries (`alone_seconds`) and while they ran.
-    # Its texts differ in length from one second to the next: tokens/s is the fair ratio.
+    # Its texts differ in length from one second to the next: tokens/s is the fair ratio
+    # (texts/s counts answers, which arrive a group at a time: a rough figure).
     texts_alone: float
     texts_during: float
     tokens_alone: float
@@ -154,16 +182,21 @@ class UnderLoad:
 
 
 def query_latency_under_load(
-    target: str,
+    server: ServerProcess,
     queries: Sequence[str],
     bulk: Sequence[str],
     interval: float = 0.0,
     alone_seconds: float = 4.0,
 ) -> UnderLoad:
     """Query latency while EmbedStream re-embeds `bulk` in a loop, and the bulk stream's
-    rates alone (for `alone_seconds`, same stream) and during the queries."""
+    rates alone (for `alone_seconds`, same stream) and during the queries.
+
+    Tokens/s are the server's computed tokens (its /metrics, the queries' own taken out):
+    a stream's results arrive a group at a time, seconds apart, so counting them would
+    measure where the groups' ends fall, not the rate."""
+    target = str(server.socket)
     stop = threading.Event()
-    done = [0, 0]  # texts, tokens
+    done = [0]  # texts answered
     ready = threading.Event()
 
     def background() -> None:
@@ -173,31 +206,29 @@ def query_latency_under_load(
                 while not stop.is_set():
                     yield from bulk
 
-            for result in client.embed_stream(items()):  # type: ignore[arg-type]
+            for _ in client.embed_stream(items()):  # type: ignore[arg-type]
                 done[0] += 1
-                done[1] += result.token_count
                 if done[0] == 256:
                     ready.set()
                 if stop.is_set():
                     break
 
+    query_tokens: list[int] = []
+
     def rates_over(run: Callable[[], object]) -> tuple[object, float, float]:
-        texts, tokens, started = done[0], done[1], time.perf_counter()
+        texts, tokens, started = done[0], server.computed_tokens(), time.perf_counter()
+        counted = len(query_tokens)
         out = run()
-        # Results come a message at a time: count until one more has arrived.
-        after = done[0]
-        deadline = time.monotonic() + 120
-        while done[0] == after and time.monotonic() < deadline:
-            time.sleep(0.001)
         seconds = time.perf_counter() - started
-        return out, (done[0] - texts) / seconds, (done[1] - tokens) / seconds
+        bulk_tokens = server.computed_tokens() - tokens - sum(query_tokens[counted:])
+        return out, (done[0] - texts) / seconds, bulk_tokens / seconds
 
     thread = threading.Thread(target=background, daemon=True)
     thread.start()
     ready.wait(120)
     _, texts_alone, tokens_alone = rates_over(lambda: time.sleep(alone_seconds))
     latency, texts_during, tokens_during = rates_over(
-        lambda: query_latency(target, queries, interval)
+        lambda: query_latency(target, queries, interval, query_tokens)
     )
     stop.set()
     thread.join(120)

@@ -43,6 +43,7 @@ class FakePool:
         self.processes = processes + query_processes
         self.ready_count = processes + query_processes
         self.bulk_capacity = processes
+        self.ready_query_processes = query_processes
         self.interactive: list[bool] = []
         self.batches: list[list[int]] = []
         self.submitted = 0
@@ -258,4 +259,25 @@ def test_a_failed_batch_fails_only_its_items() -> None:
     with pytest.raises(RuntimeError, match="worker said no"):
         vector(bad)
     np.testing.assert_array_equal(vector(good), [14, 1])
+    compute.stop(10)
+
+
+@pytest.mark.parametrize("query_processes", [0, 1])
+def test_bulk_batches_are_cut_for_queries_only_without_a_query_process(
+    query_processes: int,
+) -> None:
+    """While queries come, a bulk batch is cut to the time budget so that a query waits
+    little for it; a process kept for queries means no query waits for one: no cut."""
+    pool = FakePool(processes=2, query_processes=query_processes)
+    compute = Scheduler(
+        max_batch_tokens=512, max_batch_size=64, pool=pool, bulk_batch_seconds=0.025
+    )  # type: ignore[arg-type]
+    compute.start()
+    compute._speed["m"] = 10_000.0  # padded tokens/s: 25 ms is 250 tokens
+    now = time.monotonic()
+    assert compute._bulk_batch_tokens("m", now) == 512  # no query lately
+    compute.submit(Model(), [1, 2, 3], interactive=True).result(10)
+    compute._speed["m"] = 10_000.0
+    expected = 512 if query_processes else 250
+    assert compute._bulk_batch_tokens("m", time.monotonic()) == expected
     compute.stop(10)

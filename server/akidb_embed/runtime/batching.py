@@ -365,14 +365,18 @@ class Scheduler:
     def _bulk_batch_tokens(self, model: str, now: float) -> int:
         """The token budget of the next bulk batch, from the model's measured speed: about
         `bulk_batch_seconds` of compute. While queries arrive, at most `max_batch_tokens`
-        (a query waits for at most one such batch); with none, at least that, and more for a
-        model so fast that a batch's fixed cost would dominate."""
+        (a query waits for at most one such batch), and no cut while a process kept for
+        queries is ready (no query waits for a bulk batch then); with no queries, at least
+        `max_batch_tokens`, and more for a model so fast that a batch's fixed cost would
+        dominate."""
         speed = self._speed.get(model)
         if not self.bulk_batch_seconds or speed is None:
             return self.max_batch_tokens
         budget = int(speed * self.bulk_batch_seconds)
         if now - self._last_interactive > INTERACTIVE_RECENT_SECONDS:
             return max(self.max_batch_tokens, min(MAX_BULK_BATCH_TOKENS, budget))
+        if self.pool is not None and self.pool.ready_query_processes:
+            return self.max_batch_tokens
         return max(MIN_BULK_BATCH_TOKENS, min(self.max_batch_tokens, budget))
 
     def _bulk_batch_rows(self, tokens: int) -> int:

@@ -455,6 +455,11 @@ class WorkerPool:
         return sum(1 for slot in self._slots if slot.for_queries)
 
     @property
+    def ready_query_processes(self) -> int:
+        """Processes kept for queries that can compute now."""
+        return sum(1 for slot in self._slots if slot.ready and slot.for_queries)
+
+    @property
     def bulk_capacity(self) -> int:
         """Bulk batches that can run at once: the ready bulk processes, or, while none is,
         the ready query processes."""
