@@ -247,8 +247,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--bulk-batch-ms",
         "bulk_batch_seconds",
-        "while queries arrive, cut bulk batches to about this much compute, so a query waits "
-        "little (0: never cut)",
+        "while queries arrive and no process kept for queries is ready, cut bulk batches to "
+        "about this much compute, so a query waits little (0: never cut)",
         group="limits",
         scale=1 / 1000,
         metavar="MS",
