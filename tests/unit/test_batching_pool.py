@@ -47,6 +47,7 @@ class FakePool:
         self.interactive: list[bool] = []
         self.batches: list[list[int]] = []
         self.submitted = 0
+        self.submitting_threads: list[str] = []
         self.running = 0
         self.most_running = 0
         self.gate = threading.Event()
@@ -72,6 +73,7 @@ class FakePool:
         future: Future[np.ndarray] = Future()
         with self._cond:
             self.submitted += 1
+            self.submitting_threads.append(threading.current_thread().name)
             lane = self._queries if interactive else self._bulk
             lane.append((unpack(ids, lengths), future, wanted))
             self._cond.notify_all()
@@ -281,3 +283,29 @@ def test_bulk_batches_are_cut_for_queries_only_without_a_query_process(
     expected = 512 if query_processes else 250
     assert compute._bulk_batch_tokens("m", time.monotonic()) == expected
     compute.stop(10)
+
+
+def test_a_query_with_a_free_process_goes_to_the_pool_from_the_callers_thread() -> None:
+    """No wake-up of the scheduler thread on an idle query's way; queries that find every
+    process busy with queries wait in the scheduler's lane and keep their order."""
+    pool = FakePool(processes=1)
+    compute = worker(pool)
+    try:
+        caller = threading.current_thread().name
+        assert vector(compute.submit(Model(), [5, 6, 7], interactive=True)).tolist() == [5, 3]
+        assert pool.submitting_threads == [caller]
+        pool.gate.clear()  # the one process holds the next query
+        held = compute.submit(Model(), [8], interactive=True)
+        wait_for(lambda: pool.running == 1)
+        later = [compute.submit(Model(), [9 + i], interactive=True) for i in range(3)]
+        time.sleep(0.05)
+        assert pool.submitting_threads == [caller, caller]  # the later ones wait in the lane
+        pool.gate.set()
+        assert [vector(f)[0] for f in [held, *later]] == [8, 9, 10, 11]
+        assert pool.submitting_threads[2:] == ["scheduler"] * (len(pool.submitting_threads) - 2)
+        assert pool.batches == [[5], [8], [9, 10, 11]]  # the waiting queries as one batch
+        bulk = compute.submit(Model(), [4, 4])  # bulk work never takes the direct way
+        assert vector(bulk).tolist() == [4, 2]
+        assert pool.submitting_threads[-1] == "scheduler"
+    finally:
+        compute.stop(5)

@@ -338,3 +338,30 @@ def test_the_query_process_is_kept_only_where_it_fits() -> None:
     assert default_query_workers(True, 1, memory_budget=2048 * mib) == 0  # one GPU
     big = 4 * 1024 * mib  # a model whose copies fill the budget
     assert default_query_workers(False, 2, memory_budget=9 * 1024 * mib, model_bytes=big) == 0
+
+
+def test_bulk_processes_yield_their_cores_to_the_query_process() -> None:
+    """Beside a process kept for queries, bulk processes run at BULK_NICENESS (the kernel
+    gives a query's process the core first), respawned ones too; without a query process
+    every process keeps the server's priority."""
+    import os
+    import signal
+
+    from akidb_embed.runtime.workers import BULK_NICENESS
+
+    def niceness(pid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+
+    own = niceness(0)
+    expected_bulk = min(19, own + BULK_NICENESS)
+    with WorkerPool(2, query_processes=1) as workers:
+        wait_until(lambda: workers.ready_count == 3, timeout=60)
+        bulk_a, bulk_b, query = workers.pids()
+        wait_until(lambda: niceness(bulk_a) == niceness(bulk_b) == expected_bulk, timeout=30)
+        assert niceness(query) == own < niceness(bulk_a)
+        os.kill(bulk_a, signal.SIGKILL)
+        wait_until(lambda: workers.pids()[0] != bulk_a and workers.ready_count == 3, timeout=60)
+        wait_until(lambda: niceness(workers.pids()[0]) == expected_bulk, timeout=30)
+    with WorkerPool(2) as workers:
+        wait_until(lambda: workers.ready_count == 2, timeout=60)
+        assert [niceness(pid) for pid in workers.pids()] == [own, own]

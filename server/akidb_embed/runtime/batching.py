@@ -341,13 +341,43 @@ class Scheduler:
             return future
         lane = self._interactive if interactive else self._bulk
         with self._cond:
-            lane.setdefault(model.name, deque()).append(group)
-            self._queued_tokens += int(offsets[-1])
-            self._queued_rows += group.rows
             if interactive:
                 self._last_interactive = time.monotonic()
-            self._cond.notify()
+            batch = self._direct_batch(group) if interactive else None
+            if batch is not None:
+                self._count_in_flight(batch)
+            else:
+                lane.setdefault(model.name, deque()).append(group)
+                self._queued_tokens += int(offsets[-1])
+                self._queued_rows += group.rows
+                self._cond.notify()
+                return future
+        assert self.pool is not None  # a direct batch needs one
+        self._dispatch(self.pool, batch)
         return future
+
+    def _direct_batch(self, group: Group) -> Batch | None:
+        """(lock held) A query that a free engine process can take now, as one batch, goes
+        straight to the pool from the caller's thread: waking this scheduler thread on the
+        way costs an idle core's wake-up. Only when no other query waits (they keep their
+        order) and the group is one batch as planned."""
+        pool = self.pool
+        if pool is None or self._stopping or any(q for q in self._interactive.values()):
+            return None
+        if self._in_flight - self._in_flight_bulk >= pool.ready_count:
+            return None
+        lengths = np.diff(group.offsets).astype(np.int32)
+        if len(plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)) != 1:
+            return None
+        group.cursor = group.rows
+        return Batch(
+            model=group.model,
+            parts=[(group, np.arange(group.rows, dtype=np.int64))],
+            ids=group.ids,
+            lengths=lengths,
+            enqueued_at=group.enqueued_at,
+            interactive=True,
+        )
 
     def submit(
         self, model: BatchModel, ids: Sequence[int], interactive: bool = False
@@ -587,6 +617,8 @@ class Scheduler:
 
     def _run_batch(self, batch: Batch) -> None:
         if self.pool is not None:
+            with self._cond:
+                self._count_in_flight(batch)
             self._dispatch(self.pool, batch)
             return
         started = time.monotonic()
@@ -597,12 +629,14 @@ class Scheduler:
             return
         self._finish(batch, vectors, started)
 
+    def _count_in_flight(self, batch: Batch, sign: int = 1) -> None:
+        """(lock held) A batch handed to the pool (+1) or back from it (-1)."""
+        self._in_flight += sign
+        self._in_flight_bulk += 0 if batch.interactive else sign
+
     def _dispatch(self, pool: WorkerPool, batch: Batch) -> None:
-        """Hand a batch to a worker process; its results arrive on a pool thread."""
-        bulk = 0 if batch.interactive else 1
-        with self._cond:
-            self._in_flight += 1
-            self._in_flight_bulk += bulk
+        """Hand a batch, counted in flight, to a worker process; its results arrive on a pool
+        thread."""
         started = time.monotonic()
         future = pool.submit(
             batch.model.name,
@@ -625,8 +659,7 @@ class Scheduler:
                     self._fail(batch, error)
             finally:
                 with self._cond:
-                    self._in_flight -= 1
-                    self._in_flight_bulk -= bulk
+                    self._count_in_flight(batch, -1)
                     self._cond.notify_all()
 
         future.add_done_callback(done)

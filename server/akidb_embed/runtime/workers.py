@@ -59,6 +59,13 @@ log = logging.getLogger(__name__)
 # injection for the supervision tests (a batch that always kills its worker).
 FAULT_TOKEN_ENV = "AKIDB_EMBED_FAULT_KILL_ON_TOKEN"
 
+# Beside a process kept for queries, the bulk processes run at this niceness: the kernel
+# then hands a core to the query process (and to the server's own threads) the moment they
+# have work, instead of sharing it with a bulk batch. Measured on 2 cores, all-minilm-l6-v2,
+# 10 queries/s during a bulk stream: query p50 38 -> 26 ms (idle: 24-27 ms), the bulk
+# stream at 0.93 -> 0.99 of its rate alone. Raising one's own niceness needs no privilege.
+BULK_NICENESS = 10
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -253,7 +260,7 @@ class Watchdog:
 # --- The child process -------------------------------------------------------------------
 
 
-def _worker_main(conn: Connection, blas_threads: int) -> None:
+def _worker_main(conn: Connection, blas_threads: int, niceness: int = 0) -> None:
     """A worker's main thread: load models, run forwards, until told to stop or orphaned."""
     from ..host import blas
 
@@ -262,6 +269,9 @@ def _worker_main(conn: Connection, blas_threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     blas.set_openblas_threads(blas_threads)
+    if niceness:
+        with contextlib.suppress(OSError):  # a platform without it: equal priority
+            os.nice(niceness)
     try:
         _serve_requests(conn)
     finally:
@@ -592,9 +602,10 @@ class WorkerPool:
 
     def _spawn(self, slot: _Slot) -> None:
         conn, child = self._context.Pipe()
+        niceness = 0 if slot.for_queries or not self.query_processes else BULK_NICENESS
         process = self._context.Process(
             target=_worker_main,
-            args=(child, self.blas_threads),
+            args=(child, self.blas_threads, niceness),
             name=f"akidb-embed-worker-{slot.index}",
             daemon=True,
         )
