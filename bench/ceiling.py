@@ -8,12 +8,15 @@ gRPC, tokenising, scheduling, the engine workers' round trips, encoding the vect
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from akidb_embed_client import EmbedClient
 
@@ -51,6 +54,18 @@ def build_narrow_model(minilm: Path, directory: Path) -> Path:
 
 
 @dataclass(frozen=True)
+class CpuUse:
+    """The CPU a run cost: the server with its engine workers, and the client (this
+    process). `bound_items_per_second` is the rate at which that much CPU per item would
+    keep every core of the machine busy: no path that does this work per item goes faster
+    on this machine, whatever is overlapped."""
+
+    us_per_item: float
+    cores_busy: float
+    bound_items_per_second: float
+
+
+@dataclass(frozen=True)
 class Ceiling:
     stream_coalesced_items_per_second: float
     stream_one_item_per_message_items_per_second: float
@@ -58,6 +73,40 @@ class Ceiling:
     # The same calls, 4 in flight at once (as several query paths of a database would send).
     embed_256_4_in_flight_items_per_second: float
     items: int
+    # Per row above (same keys without "_items_per_second"): what its best run cost.
+    cpu: dict[str, CpuUse] = field(default_factory=dict)
+
+
+def _cpu_seconds(server_pid: int) -> float:
+    """User + system CPU of the server, its engine workers and this process so far."""
+    total = 0.0
+    try:
+        root = psutil.Process(server_pid)
+        for process in [root, *root.children(recursive=True)]:
+            with_children = process.cpu_times()
+            total += with_children.user + with_children.system
+    except psutil.NoSuchProcess:
+        pass
+    own = psutil.Process(os.getpid()).cpu_times()
+    return total + own.user + own.system
+
+
+def _best(
+    run: Callable[[], float], items: int, server_pid: int, runs: int = 2
+) -> tuple[float, CpuUse]:
+    """The best of `runs` rates, with the CPU that run cost."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    best: tuple[float, CpuUse] | None = None
+    for _ in range(runs):
+        cpu, started = _cpu_seconds(server_pid), time.perf_counter()
+        rate = run()
+        seconds, spent = time.perf_counter() - started, _cpu_seconds(server_pid) - cpu
+        per_item = spent / items
+        use = CpuUse(per_item * 1e6, spent / seconds, (cores or 1) / per_item)
+        if best is None or rate > best[0]:
+            best = (rate, use)
+    assert best is not None
+    return best
 
 
 def _stream(client: EmbedClient, texts: Sequence[str], per_message: int) -> float:
@@ -88,12 +137,29 @@ def _embed_in_flight(client: EmbedClient, texts: Sequence[str], batch: int, call
     return len(texts) / (time.perf_counter() - started)
 
 
-def measure(target: str, texts: Sequence[str], one_per_message: int) -> Ceiling:
+def measure(target: str, texts: Sequence[str], one_per_message: int, server_pid: int) -> Ceiling:
     """Best of two runs each; the 1-item-per-message run uses the first `one_per_message`."""
     with EmbedClient(target, timeout=600) as client:
         _stream(client, texts[:2000], 256)  # warm: every batch shape once
-        coalesced = max(_stream(client, texts, 256) for _ in range(2))
-        single = max(_stream(client, texts[:one_per_message], 1) for _ in range(2))
-        unary = max(_embed(client, texts, 256) for _ in range(2))
-        in_flight = max(_embed_in_flight(client, texts, 256, 4) for _ in range(2))
-    return Ceiling(coalesced, single, unary, in_flight, len(texts))
+        single_texts = texts[:one_per_message]
+        runs = {
+            "stream_coalesced": (lambda: _stream(client, texts, 256), len(texts)),
+            "stream_one_item_per_message": (
+                lambda: _stream(client, single_texts, 1),
+                len(single_texts),
+            ),
+            "embed_256": (lambda: _embed(client, texts, 256), len(texts)),
+            "embed_256_4_in_flight": (lambda: _embed_in_flight(client, texts, 256, 4), len(texts)),
+        }
+        rates: dict[str, float] = {}
+        cpu: dict[str, CpuUse] = {}
+        for key, (run, items) in runs.items():
+            rates[key], cpu[key] = _best(run, items, server_pid)
+    return Ceiling(
+        rates["stream_coalesced"],
+        rates["stream_one_item_per_message"],
+        rates["embed_256"],
+        rates["embed_256_4_in_flight"],
+        len(texts),
+        cpu,
+    )

@@ -71,6 +71,16 @@ def table(r: dict[str, Any]) -> str:
             "  Embed, 256 texts per call, 4 in flight "
             f"{ce['embed_256_4_in_flight_items_per_second']:9.0f}",
         ]
+        if ce.get("cpu"):
+            lines.append(
+                "  CPU per item (server, engine workers and client), cores busy, and the rate "
+                "at which that CPU fills every core:"
+            )
+            for key, use in ce["cpu"].items():
+                lines.append(
+                    f"    {key:30s} {use['us_per_item']:7.1f} us  {use['cores_busy']:4.2f} cores"
+                    f"  bound {use['bound_items_per_second']:9.0f} items/s"
+                )
     if "sidecar_tax" in r:
         lines.append(
             "sidecar tax: served stream / engine workers without gRPC = "

@@ -276,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as server:
             server.wait_serving()
             results["ceiling"] = asdict(
-                ceiling.measure(str(workdir / "ceiling.sock"), short, one_per_message)
+                ceiling.measure(
+                    str(workdir / "ceiling.sock"), short, one_per_message, server.process.pid
+                )
             )
         log.step("transport ceiling: plain grpc.aio answering the same messages")
         p50, p99 = echo.query_latency(workdir / "echo.sock", queries, env)

@@ -60,7 +60,18 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
         "echo_one_item_per_message_items_per_second",
     ):
         assert ceiling[key] > 0, key
-    assert "serving ceiling" in done.stdout
+    # What each ceiling row cost in CPU, and the rate that CPU would fill the cores at.
+    assert set(ceiling["cpu"]) == {
+        "stream_coalesced",
+        "stream_one_item_per_message",
+        "embed_256",
+        "embed_256_4_in_flight",
+    }
+    for key, use in ceiling["cpu"].items():
+        assert use["us_per_item"] > 0 and use["cores_busy"] > 0, key
+        cores = results["machine"]["cores"]
+        assert use["bound_items_per_second"] == pytest.approx(cores / use["us_per_item"] * 1e6)
+    assert "serving ceiling" in done.stdout and "CPU per item" in done.stdout
     for case in ("engine_query", "engine_workers_query", "echo_query"):
         assert 0 < results[case]["p50_ms"] <= results[case]["p99_ms"], case
     assert "in an engine worker process (no gRPC)" in done.stdout
