@@ -77,6 +77,50 @@ class Ceiling:
     cpu: dict[str, CpuUse] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CpuFloor:
+    """The CPU per item that any serving path of these texts spends, measured without one:
+    the tokenizer's batch call (groups of 256) and the forward in the engine workers (no
+    gRPC; the cheapest of a few batch budgets). `bound_items_per_second`: the rate at which
+    that alone fills every core, before a byte of transport."""
+
+    tokenize_us_per_item: float
+    compute_us_per_item: float
+    compute_batch_tokens: int
+    bound_items_per_second: float
+
+
+def cpu_floor(directory: Path, texts: Sequence[str], workers: int) -> CpuFloor:
+    """Measure `CpuFloor` for the model in `directory` on `texts`."""
+    from akidb_embed.modeling.engine import EmbedOptions
+    from akidb_embed.modeling.loader import load_engine
+
+    from . import engine_bench
+
+    engine = load_engine(directory, name="floor", source="floor", revision="bench")
+    groups = [texts[start : start + 256] for start in range(0, len(texts), 256)]
+    options = EmbedOptions()
+    for group in groups[:4]:
+        engine.tokenize_batch(group, options)
+    own = psutil.Process(os.getpid())
+    before = sum(own.cpu_times()[:2])
+    batches = [engine.tokenize_batch(group, options) for group in groups]
+    tokenize = (sum(own.cpu_times()[:2]) - before) / len(texts)
+    ids = [row.ids for batch in batches for row in batch.texts()]
+    spec = engine_bench.model_spec("floor", directory)
+    costs = {}
+    for budget in (2048, 16384):
+        run = engine_bench.run_pool(
+            spec, ids, engine.profile.dimensions, budget, workers, max_rows=budget // 4
+        )
+        costs[budget] = run.cpu_seconds / len(ids)
+    budget = min(costs, key=lambda b: costs[b])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return CpuFloor(
+        tokenize * 1e6, costs[budget] * 1e6, budget, (cores or 1) / (tokenize + costs[budget])
+    )
+
+
 def _cpu_seconds(server_pid: int) -> float:
     """User + system CPU of the server, its engine workers and this process so far."""
     total = 0.0

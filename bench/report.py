@@ -81,6 +81,20 @@ def table(r: dict[str, Any]) -> str:
                     f"    {key:30s} {use['us_per_item']:7.1f} us  {use['cores_busy']:4.2f} cores"
                     f"  bound {use['bound_items_per_second']:9.0f} items/s"
                 )
+    floor = ce.get("floor") if ce else None
+    if floor:
+        lines.append(
+            f"    without gRPC: tokenizing {floor['tokenize_us_per_item']:.1f} us + the forward in "
+            f"the engine workers {floor['compute_us_per_item']:.1f} us per item fill every core "
+            f"at {floor['bound_items_per_second']:.0f} items/s"
+        )
+    if "ceiling_query" in r and "ceiling_engine_query" in r:
+        cq, ceq = r["ceiling_query"], r["ceiling_engine_query"]
+        lines.append(
+            f"  a query on it, served: p50 {cq['p50_ms']:.2f} ms, p99 {cq['p99_ms']:.2f} ms; "
+            f"its forward in this process p50 {ceq['p50_ms']:.2f} ms: the path adds "
+            f"{cq['p50_ms'] - ceq['p50_ms']:.2f} ms"
+        )
     if "sidecar_tax" in r:
         lines.append(
             "sidecar tax: served stream / engine workers without gRPC = "

@@ -280,6 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     str(workdir / "ceiling.sock"), short, one_per_message, server.process.pid
                 )
             )
+            # What the path alone costs a query: the same model computes it in ~nothing.
+            results["ceiling_query"] = asdict(
+                served.query_latency(str(workdir / "ceiling.sock"), queries)
+            )
+        log.step("the CPU per item no serving path avoids: tokenizing, the forward (no gRPC)")
+        results["ceiling"]["floor"] = asdict(ceiling.cpu_floor(narrow, short, max(1, workers)))
+        narrow_engine = load_engine(narrow, name="narrow", source="narrow", revision="bench")
+        results["ceiling_engine_query"] = asdict(engine_bench.query_latency(narrow_engine, queries))
+        del narrow_engine
         log.step("transport ceiling: plain grpc.aio answering the same messages")
         p50, p99 = echo.query_latency(workdir / "echo.sock", queries, env)
         results["echo_query"] = {"p50_ms": p50, "p99_ms": p99, "count": len(queries)}

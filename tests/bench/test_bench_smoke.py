@@ -72,7 +72,19 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
         cores = results["machine"]["cores"]
         assert use["bound_items_per_second"] == pytest.approx(cores / use["us_per_item"] * 1e6)
     assert "serving ceiling" in done.stdout and "CPU per item" in done.stdout
-    for case in ("engine_query", "engine_workers_query", "echo_query"):
+    assert "the path adds" in done.stdout
+    floor = ceiling["floor"]
+    assert floor["tokenize_us_per_item"] > 0 and floor["compute_us_per_item"] > 0
+    per_item = (floor["tokenize_us_per_item"] + floor["compute_us_per_item"]) / 1e6
+    assert floor["bound_items_per_second"] == pytest.approx(results["machine"]["cores"] / per_item)
+    assert "fill every core" in done.stdout
+    for case in (
+        "engine_query",
+        "engine_workers_query",
+        "echo_query",
+        "ceiling_query",
+        "ceiling_engine_query",
+    ):
         assert 0 < results[case]["p50_ms"] <= results[case]["p99_ms"], case
     assert "in an engine worker process (no gRPC)" in done.stdout
     for case in ("latency_under_load", "latency_under_load_paced"):
