@@ -18,7 +18,8 @@ queue without costing compute. Model loads run on the same thread, between batch
 
 With a `WorkerPool` (workers.py), the thread hands each batch to an engine worker process
 instead of running it, as many at once as there are processes ready, and starts the next as
-soon as one is free.
+soon as one is free. A query that finds a process free and no other query waiting skips the
+thread: the caller hands it to the pool itself.
 """
 
 from __future__ import annotations
