@@ -20,6 +20,8 @@ import psutil
 
 from akidb_embed_client import EmbedClient
 
+from .engine_bench import model_spec, processes_cpu_seconds, run_pool
+
 NARROW = {
     "num_hidden_layers": 1,
     "hidden_size": 32,
@@ -95,58 +97,51 @@ def cpu_floor(directory: Path, texts: Sequence[str], workers: int) -> CpuFloor:
     from akidb_embed.modeling.engine import EmbedOptions
     from akidb_embed.modeling.loader import load_engine
 
-    from . import engine_bench
-
     engine = load_engine(directory, name="floor", source="floor", revision="bench")
     groups = [texts[start : start + 256] for start in range(0, len(texts), 256)]
     options = EmbedOptions()
     for group in groups[:4]:
         engine.tokenize_batch(group, options)
-    own = psutil.Process(os.getpid())
-    before = sum(own.cpu_times()[:2])
+    before = processes_cpu_seconds([os.getpid()])
     batches = [engine.tokenize_batch(group, options) for group in groups]
-    tokenize = (sum(own.cpu_times()[:2]) - before) / len(texts)
+    tokenize = (processes_cpu_seconds([os.getpid()]) - before) / len(texts)
     ids = [row.ids for batch in batches for row in batch.texts()]
-    spec = engine_bench.model_spec("floor", directory)
+    spec = model_spec("floor", directory)
     costs = {}
     for budget in (2048, 16384):
-        run = engine_bench.run_pool(
-            spec, ids, engine.profile.dimensions, budget, workers, max_rows=budget // 4
-        )
+        run = run_pool(spec, ids, engine.profile.dimensions, budget, workers, max_rows=budget // 4)
         costs[budget] = run.cpu_seconds / len(ids)
     budget = min(costs, key=lambda b: costs[b])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return CpuFloor(
-        tokenize * 1e6, costs[budget] * 1e6, budget, (cores or 1) / (tokenize + costs[budget])
+        tokenize * 1e6, costs[budget] * 1e6, budget, _cores() / (tokenize + costs[budget])
     )
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cpu_seconds(server_pid: int) -> float:
     """User + system CPU of the server, its engine workers and this process so far."""
-    total = 0.0
     try:
-        root = psutil.Process(server_pid)
-        for process in [root, *root.children(recursive=True)]:
-            with_children = process.cpu_times()
-            total += with_children.user + with_children.system
+        children = psutil.Process(server_pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        pass
-    own = psutil.Process(os.getpid()).cpu_times()
-    return total + own.user + own.system
+        children = []
+    return processes_cpu_seconds([server_pid, *(c.pid for c in children), os.getpid()])
 
 
 def _best(
     run: Callable[[], float], items: int, server_pid: int, runs: int = 2
 ) -> tuple[float, CpuUse]:
     """The best of `runs` rates, with the CPU that run cost."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = _cores()
     best: tuple[float, CpuUse] | None = None
     for _ in range(runs):
         cpu, started = _cpu_seconds(server_pid), time.perf_counter()
         rate = run()
         seconds, spent = time.perf_counter() - started, _cpu_seconds(server_pid) - cpu
         per_item = spent / items
-        use = CpuUse(per_item * 1e6, spent / seconds, (cores or 1) / per_item)
+        use = CpuUse(per_item * 1e6, spent / seconds, cores / per_item)
         if best is None or rate > best[0]:
             best = (rate, use)
     assert best is not None
