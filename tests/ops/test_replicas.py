@@ -39,14 +39,12 @@ def streaming(pool: list[Replica]) -> list[Replica]:
 
     def open_streams(replica: Replica) -> float:
         samples = scrape_url(replica.metrics_url)
-        started = sum(
-            number
+        count = {"grpc_server_started_total": 1, "grpc_server_handled_total": -1}
+        return sum(
+            count[name] * number
             for (name, labels), number in samples.items()
-            if name == "grpc_server_started_total"
-            and dict(labels).get("grpc_method") == "EmbedStream"
+            if name in count and dict(labels).get("grpc_method") == "EmbedStream"
         )
-        codes = ("OK", "CANCELLED", "UNAVAILABLE", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED")
-        return started - sum(handled(samples, "EmbedStream", code) for code in codes)
 
     found = [replica for replica in pool if replica.proc.poll() is None and open_streams(replica)]
     assert found, "no replica serves the stream"
