@@ -92,11 +92,17 @@ class CpuFloor:
     bound_items_per_second: float
 
 
+FLOOR_MIN_ITEMS = 20_000
+
+
 def cpu_floor(directory: Path, texts: Sequence[str], workers: int) -> CpuFloor:
     """Measure `CpuFloor` for the model in `directory` on `texts`."""
     from akidb_embed.modeling.engine import EmbedOptions
     from akidb_embed.modeling.loader import load_engine
 
+    # CPU times advance in 10 ms ticks: a few hundred texts (a --quick run) cost less than
+    # one, so they are repeated up to FLOOR_MIN_ITEMS.
+    texts = list(texts) * -(-FLOOR_MIN_ITEMS // max(1, len(texts)))
     engine = load_engine(directory, name="floor", source="floor", revision="bench")
     groups = [texts[start : start + 256] for start in range(0, len(texts), 256)]
     options = EmbedOptions()

@@ -81,13 +81,13 @@ def table(r: dict[str, Any]) -> str:
                     f"    {key:30s} {use['us_per_item']:7.1f} us  {use['cores_busy']:4.2f} cores"
                     f"  bound {use['bound_items_per_second']:9.0f} items/s"
                 )
-    floor = ce.get("floor") if ce else None
-    if floor:
-        lines.append(
-            f"    without gRPC: tokenizing {floor['tokenize_us_per_item']:.1f} us + the forward in "
-            f"the engine workers {floor['compute_us_per_item']:.1f} us per item fill every core "
-            f"at {floor['bound_items_per_second']:.0f} items/s"
-        )
+        if ce.get("floor"):
+            floor = ce["floor"]
+            lines.append(
+                f"    without gRPC: tokenizing {floor['tokenize_us_per_item']:.1f} us + the "
+                f"forward in the engine workers {floor['compute_us_per_item']:.1f} us per item "
+                f"fill every core at {floor['bound_items_per_second']:.0f} items/s"
+            )
     if "ceiling_query" in r and "ceiling_engine_query" in r:
         cq, ceq = r["ceiling_query"], r["ceiling_engine_query"]
         lines.append(
